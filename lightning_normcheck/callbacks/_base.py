@@ -1,0 +1,484 @@
+"""Plumbing shared by every lightning_normcheck callback.
+
+A public callback is a thin Lightning :class:`~lightning.pytorch.callbacks.Callback` that owns one or
+more *monitors* (:class:`_Monitor`). The callback decides *when* (cadence, sampled steps), keeps one
+:class:`_Run` per fit (the parameter-to-layer map, the gradient norms of the current optimizer step,
+the pending metrics) and does all emission: one host transfer and one ``logger.log_metrics`` call per
+logger per logging step, rank zero only. Monitors measure (with :mod:`lightning_normcheck.norms`) and
+diagnose (with :mod:`lightning_normcheck.diagnosis`). A monitor that raises is switched off with one
+warning; the user's training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_normcheck import norms as N
+from lightning_normcheck.findings import Finding, FindingLog
+
+log = logging.getLogger("lightning_normcheck")
+
+#: Steps below this are sampled densely so that a problem present from the start is reported
+#: within the first 20 optimizer steps, whatever ``log_every_n_steps`` is.
+EARLY_STEPS = 20
+
+
+def _check_int(owner: str, name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{owner}: `{name}` must be {allowed}, got {value!r}")
+
+
+def _check_float(
+    owner: str,
+    name: str,
+    value: Any,
+    low: float = 0.0,
+    high: float = math.inf,
+    allow_none: bool = False,
+    low_inclusive: bool = False,
+) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value >= low if low_inclusive else value > low) and value <= high
+    if not ok:
+        bracket = "[" if low_inclusive else "("
+        allowed = f"a number in {bracket}{low}, {high}]" + (" or None" if allow_none else "")
+        raise ValueError(f"{owner}: `{name}` must be {allowed}, got {value!r}")
+
+
+def _check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: `{name}` must be True or False, got {value!r}")
+
+
+def _check_str_list(owner: str, name: str, value: Any, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{owner}: `{name}` must be a list of strings{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{owner}: `{name}` must be one of {choices}, got {value!r}")
+
+
+class _GradStats:
+    """Gradient norms of one optimizer step, computed once and shared by the monitors."""
+
+    __slots__ = ("params", "grads", "layers", "layer_index", "norms", "total", "step")
+
+    def __init__(
+        self, params: list[Tensor], grads: list[Tensor], layers: list[int], layer_index: Tensor, step: int
+    ) -> None:
+        self.params = params
+        self.grads = grads
+        self.layers = layers  # layer index of each gradient (host list, built at setup)
+        self.layer_index = layer_index
+        self.step = step
+        self.norms = N.tensor_norms(grads)
+        self.total = N.total_norm(self.norms)
+
+
+class _Run:
+    """Per-fit state shared by the monitors of one callback."""
+
+    def __init__(self, owner: _NormCheckBase, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.owner = owner
+        self.trainer = trainer
+        self.module_ref = weakref.ref(pl_module)
+        self.every = owner.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+        self.findings = owner._findings
+        self.is_global_zero = bool(trainer.is_global_zero)
+        self.findings.enabled = self.is_global_zero
+        # parameter -> layer (owning module) map; named_parameters() already counts tied weights once
+        self.layer_names: list[str] = []
+        self.param_layer: dict[int, int] = {}
+        self.param_name: dict[int, str] = {}
+        layer_pos: dict[str, int] = {}
+        for name, p in pl_module.named_parameters():
+            layer = name.rsplit(".", 1)[0] if "." in name else ""
+            if layer not in layer_pos:
+                layer_pos[layer] = len(self.layer_names)
+                self.layer_names.append(layer)
+            self.param_layer[id(p)] = layer_pos[layer]
+            self.param_name[id(p)] = name
+        self.metrics: dict[str, Tensor] = {}
+        self.series: list[tuple[int, str, Tensor]] = []
+        self.flush_due = False
+        self.flush_step = 0
+        self.flushed_series: list[tuple[int, str, float]] = []  # per-step values of the last flush
+        self.probing = False  # True while a probe runs extra forward passes: hooks must ignore them
+        self._grad_cache: dict[int, _GradStats] = {}
+        self._opt_index: dict[int, tuple[list[Tensor], list[int], Tensor]] = {}
+
+    @property
+    def pl_module(self) -> pl.LightningModule:
+        m = self.module_ref()
+        assert m is not None
+        return m
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer.global_step)
+
+    def is_due(self, step: int) -> bool:
+        if step % self.every == 0:
+            return True
+        return step < EARLY_STEPS and (step < 4 or step % 2 == 0)
+
+    def layer_label(self, index: int) -> str:
+        name = self.layer_names[index]
+        return name or "<root>"
+
+    def optimizer_params(self, optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[int], Tensor]:
+        """The unique trainable parameters of ``optimizer``, their layer indices, and those as a tensor."""
+        key = id(optimizer)
+        if key not in self._opt_index:
+            seen: set[int] = set()
+            params: list[Tensor] = []
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if id(p) in seen or id(p) not in self.param_layer:
+                        continue
+                    seen.add(id(p))
+                    params.append(p)
+            layers = [self.param_layer[id(p)] for p in params]
+            self._opt_index[key] = (params, layers, torch.tensor(layers, dtype=torch.long))
+        return self._opt_index[key]
+
+    def grad_stats(self, optimizer: torch.optim.Optimizer) -> _GradStats:
+        """Per-tensor and total gradient norms for this optimizer step (one fused pass, cached)."""
+        step = self.step
+        cached = self._grad_cache.get(id(optimizer))
+        if cached is not None and cached.step == step:
+            return cached
+        params, layers, index = self.optimizer_params(optimizer)
+        with_grad = [i for i, p in enumerate(params) if p.grad is not None]  # frozen: grad is None
+        if len(with_grad) == len(params):
+            stats = _GradStats(params, [p.grad for p in params], layers, index, step)  # type: ignore[misc]
+        else:
+            sub = [layers[i] for i in with_grad]
+            stats = _GradStats(
+                [params[i] for i in with_grad],
+                [params[i].grad for i in with_grad],  # type: ignore[misc]
+                sub,
+                torch.tensor(sub, dtype=torch.long),
+                step,
+            )
+        self._grad_cache = {id(optimizer): stats}
+        return stats
+
+    # emission -------------------------------------------------------------------------------------
+    def add_metric(self, name: str, value: Tensor) -> None:
+        """Queue a scalar for the next flush; names starting with ``_`` are for diagnosis only."""
+        self.metrics[name] = value
+
+    def add_metrics(self, prefix: str, values: Tensor, labels: list[str]) -> None:
+        for i, label in enumerate(labels):
+            self.metrics[f"{prefix}{label}"] = values[i]
+
+    def add_series(self, step: int, name: str, value: Tensor) -> None:
+        """Queue a per-step scalar (logged at its own step at the next flush)."""
+        self.series.append((step, name, value))
+
+    def transfer(self) -> tuple[dict[str, float], list[tuple[int, str, float]]]:
+        """Move every queued scalar to the host in one transfer."""
+        names = list(self.metrics)
+        tensors = [self.metrics[n].detach().reshape(()) for n in names] + [
+            t.detach().reshape(()) for _, _, t in self.series
+        ]
+        self.metrics = {}
+        series_keys = [(s, n) for s, n, _ in self.series]
+        self.series = []
+        if not tensors:
+            return {}, []
+        device = tensors[0].device
+        flat = torch.stack([t.to(device=device, dtype=torch.float32) for t in tensors]).cpu().tolist()
+        values = dict(zip(names, flat[: len(names)]))
+        series = [(s, n, v) for (s, n), v in zip(series_keys, flat[len(names) :])]
+        return values, series
+
+    def emit(self, values: dict[str, float], series: list[tuple[int, str, float]], step: int) -> None:
+        if not self.is_global_zero or not self.trainer.loggers:
+            return
+        public = {k: v for k, v in values.items() if not k.startswith("_")}
+        by_step: dict[int, dict[str, float]] = {}
+        for s, n, v in series:
+            by_step.setdefault(s, {})[n] = v
+        for logger in self.trainer.loggers:
+            for s in sorted(by_step):
+                row = by_step[s]
+                if s == step:
+                    row = {**row, **public}
+                logger.log_metrics(row, step=s)
+            if public and step not in by_step:
+                logger.log_metrics(public, step=step)
+
+
+class _Monitor:
+    """One kind of measurement. Every hook is optional; the owner isolates failures."""
+
+    name = "monitor"
+
+    def setup(self, run: _Run) -> None: ...
+
+    def on_train_start(self, run: _Run) -> None: ...
+
+    def on_train_batch_start(self, run: _Run, batch: Any, batch_idx: int) -> None: ...
+
+    def on_before_backward(self, run: _Run, loss: Tensor) -> None: ...
+
+    def on_after_backward(self, run: _Run) -> None: ...
+
+    def on_before_optimizer_step(self, run: _Run, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def on_train_batch_end(self, run: _Run, outputs: Any, batch: Any, batch_idx: int) -> None: ...
+
+    def collect(self, run: _Run) -> None:
+        """At a flush: queue device tensors with ``run.add_metric``."""
+
+    def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
+        """At a flush, on host values: report findings."""
+
+    def on_exception(self, run: _Run, exception: BaseException) -> None: ...
+
+    def remove_hooks(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class _NormCheckBase(Callback):
+    """Common machinery of the lightning_normcheck callbacks (not used directly)."""
+
+    STATE_VERSION = 1
+
+    def __init__(self, log_every_n_steps: int | None = None, print_summary: bool = True) -> None:
+        owner = type(self).__name__
+        _check_int(owner, "log_every_n_steps", log_every_n_steps, 1, allow_none=True)
+        _check_bool(owner, "print_summary", print_summary)
+        self.log_every_n_steps = log_every_n_steps
+        self.print_summary = print_summary
+        self._findings = FindingLog()
+        self._monitors: list[_Monitor] = []
+        self._disabled: set[str] = set()
+        self._run: _Run | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._new_findings: list[Finding] = []
+        self._findings.listeners.append(self._new_findings.append)
+
+    # public API -------------------------------------------------------------------------------------
+    @property
+    def findings(self) -> list[Finding]:
+        """Every finding so far, one per (code, layer)."""
+        return self._findings.findings
+
+    @property
+    def disabled_monitors(self) -> list[str]:
+        """Monitors switched off after failing (each reported once as a warning)."""
+        return sorted(self._disabled)
+
+    def summary(self) -> str:
+        """The findings as a short table."""
+        return self._findings.table()
+
+    # isolation ------------------------------------------------------------------------------------------
+    def _active(self) -> list[_Monitor]:
+        return [m for m in self._monitors if m.name not in self._disabled]
+
+    def _disable(self, monitor: _Monitor, error: BaseException) -> None:
+        if monitor.name in self._disabled:
+            return
+        self._disabled.add(monitor.name)
+        rank_zero_warn(
+            f"lightning_normcheck: the {monitor.name} monitor failed ({type(error).__name__}: {error}) and is"
+            " switched off for the rest of this fit; training goes on unchanged.",
+            category=RuntimeWarning,
+        )
+        try:
+            monitor.remove_hooks()
+        except Exception:  # noqa: BLE001 - best effort while already failing
+            pass
+
+    def _call(self, method: str, *args: Any) -> None:
+        run = self._run
+        if run is None:
+            return
+        for m in self._active():
+            try:
+                getattr(m, method)(run, *args)
+            except Exception as err:  # noqa: BLE001 - a monitor must never break training
+                self._disable(m, err)
+
+    def _guard(self, monitor: _Monitor, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap a hook that runs inside the user's code (forward/optimizer hooks): never raise."""
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if monitor.name in self._disabled:
+                return None
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001
+                self._disable(monitor, err)
+                return None
+
+        return wrapped
+
+    # flushing ---------------------------------------------------------------------------------------------
+    def _flush(self, step: int) -> None:
+        run = self._run
+        if run is None:
+            return
+        self._call("collect")
+        values, series = run.transfer()
+        try:
+            run.emit(values, series, step)
+        except Exception as err:  # noqa: BLE001 - a broken logger must not stop diagnosis
+            rank_zero_warn(f"lightning_normcheck: logging metrics failed: {err!r}", category=RuntimeWarning)
+        run.flushed_series = series
+        self._call("diagnose", values, step)
+        self._publish_new_findings(step)
+
+    def _publish_new_findings(self, step: int) -> None:
+        if not self._new_findings or self._run is None:
+            return
+        new, self._new_findings[:] = list(self._new_findings), []
+        if not self._run.is_global_zero:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        text = "\n\n".join(f"**{f.severity}** `{f.code}` {f.layer or ''} (step {f.step}): {f.message}" for f in new)
+        for logger in self._run.trainer.loggers:
+            try:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text("normcheck/findings", text, global_step=step)
+            except Exception:  # noqa: BLE001
+                pass
+        for f in new:
+            if f.severity != "info":
+                rank_zero_warn(f"lightning_normcheck: {f}", category=UserWarning)
+
+    # Lightning hooks ---------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._teardown_hooks()
+        self._disabled = set()
+        self._run = _Run(self, trainer, pl_module)
+        self._call("setup")
+        if self._pending_state is not None:
+            self._load_monitor_state(self._pending_state)
+            self._pending_state = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._call("on_train_start")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._call("on_train_batch_start", batch, batch_idx)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self._call("on_before_backward", loss)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._call("on_after_backward")
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Runs after backward (gradients accumulated and AMP-unscaled) and before Lightning clips."""
+        run = self._run
+        if run is None:
+            return
+        if run.is_due(run.step):
+            run.flush_due = True
+            run.flush_step = run.step
+        self._call("on_before_optimizer_step", optimizer)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        run = self._run
+        if run is None:
+            return
+        self._call("on_train_batch_end", outputs, batch, batch_idx)
+        if run.flush_due:
+            run.flush_due = False
+            self._flush(run.flush_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run = self._run
+        if run is not None and (run.metrics or run.series):
+            self._flush(max(0, run.step - 1))
+        self._teardown_hooks()
+        if self.print_summary and trainer.is_global_zero:
+            print(self.summary(), file=sys.stdout, flush=True)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        run = self._run
+        if run is None:
+            return
+        try:
+            self._flush(run.step)
+        except Exception:  # noqa: BLE001 - never mask the user's exception
+            pass
+        self._call("on_exception", exception)
+        self._publish_new_findings(run.step)
+        self._teardown_hooks()
+        if self.print_summary and trainer.is_global_zero and self.findings:
+            print(self.summary(), file=sys.stderr, flush=True)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._teardown_hooks()
+
+    def _teardown_hooks(self) -> None:
+        for m in self._monitors:
+            try:
+                m.remove_hooks()
+            except Exception:  # noqa: BLE001
+                pass
+
+    # checkpointing -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        monitors = {}
+        for m in self._monitors:
+            try:
+                monitors[m.name] = m.state_dict()
+            except Exception:  # noqa: BLE001
+                monitors[m.name] = {}
+        return {"version": self.STATE_VERSION, "findings": self._findings.state_dict(), "monitors": monitors}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._findings.load_state_dict(state_dict.get("findings", {}))
+        monitors = state_dict.get("monitors", {})
+        if self._run is None:
+            self._pending_state = monitors  # restored at setup, once the model is known
+        else:
+            self._load_monitor_state(monitors)
+
+    def _load_monitor_state(self, monitors: dict[str, Any]) -> None:
+        for m in self._monitors:
+            if m.name in monitors:
+                try:
+                    m.load_state_dict(monitors[m.name])
+                except Exception as err:  # noqa: BLE001
+                    rank_zero_warn(f"lightning_normcheck: could not restore {m.name} state: {err!r}")

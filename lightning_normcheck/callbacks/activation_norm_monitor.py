@@ -1,0 +1,316 @@
+"""ActivationNormMonitor: output RMS, dead and saturated fractions of leaf modules on sampled steps."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from lightning_normcheck import diagnosis as D
+from lightning_normcheck import norms as N
+from lightning_normcheck.callbacks._base import (
+    _check_float,
+    _check_int,
+    _check_str_list,
+    _Monitor,
+    _NormCheckBase,
+    _Run,
+)
+
+#: Modules whose output is exactly zero for a dead unit.
+RELU_LIKE: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+#: Bounded activations and their (low, high) bounds.
+BOUNDED: dict[type[nn.Module], tuple[float, float]] = {
+    nn.Tanh: (-1.0, 1.0),
+    nn.Sigmoid: (0.0, 1.0),
+    nn.Hardtanh: (-1.0, 1.0),
+    nn.Hardsigmoid: (0.0, 1.0),
+}
+#: Leaf modules that never say anything about scale.
+SKIPPED: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                                        nn.Identity, nn.Flatten, nn.Unflatten)
+INPUT_LABEL = "<input>"
+
+
+def first_tensor(output: Any) -> Tensor | None:
+    """The first floating-point tensor in a module output (tensor, tuple/list, dict or PackedSequence)."""
+    if isinstance(output, Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, PackedSequence):
+        return first_tensor(output.data)
+    if isinstance(output, (tuple, list)):
+        for o in output:
+            t = first_tensor(o)
+            if t is not None:
+                return t
+    if isinstance(output, dict):
+        for o in output.values():
+            t = first_tensor(o)
+            if t is not None:
+                return t
+    return None
+
+
+class _Stats:
+    """Accumulated statistics of one module over the calls of one sampled step (device tensors)."""
+
+    __slots__ = ("sumsq", "numel", "alive", "saturated", "order")
+
+    def __init__(self, order: int) -> None:
+        self.sumsq: Tensor | None = None
+        self.numel = 0
+        self.alive: Tensor | None = None
+        self.saturated: Tensor | None = None
+        self.order = order
+
+
+class _ActivationNorms(_Monitor):
+    name = "activation_norm"
+
+    def __init__(
+        self,
+        include_types: list[str] | None,
+        exclude_types: list[str] | None,
+        include_names: list[str] | None,
+        exclude_names: list[str] | None,
+        saturation_threshold: float,
+        window: int,
+    ) -> None:
+        self.include_types = include_types
+        self.exclude_types = exclude_types
+        self.include_names = include_names
+        self.exclude_names = exclude_names
+        self.saturation_threshold = saturation_threshold
+        self.window = window
+        self.modules: dict[str, nn.Module] = {}
+        self.kinds: dict[str, str] = {}  # "relu", "bounded", "" per module name
+        self.bounds: dict[str, tuple[float, float]] = {}
+        self._handles: list[Any] = []
+        self._stats: dict[str, _Stats] = {}
+        self._input: _Stats | None = None
+        self._sampled_step = -1
+        self._window_alive: dict[str, Tensor] = {}
+        self._window_samples = 0
+        self.history = D.ActivationHistory()
+        self.last_order: list[str] = []
+        self._owner: _NormCheckBase | None = None
+
+    def _selected(self, name: str, module: nn.Module) -> bool:
+        if any(True for _ in module.children()) or isinstance(module, SKIPPED) or not name:
+            return False
+        tname = type(module).__name__
+        if self.include_types is not None and tname not in self.include_types:
+            return False
+        if self.exclude_types is not None and tname in self.exclude_types:
+            return False
+        if self.include_names is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.include_names):
+            return False
+        if self.exclude_names is not None and any(fnmatch.fnmatchcase(name, p) for p in self.exclude_names):
+            return False
+        return True
+
+    def setup(self, run: _Run) -> None:
+        self.modules = {}
+        for name, module in run.pl_module.named_modules():
+            if self._selected(name, module):
+                self.modules[name] = module
+                if isinstance(module, RELU_LIKE):
+                    self.kinds[name] = "relu"
+                elif type(module) in BOUNDED:
+                    self.kinds[name] = "bounded"
+                    self.bounds[name] = BOUNDED[type(module)]
+                else:
+                    self.kinds[name] = ""
+
+    # hooks only live during sampled steps -------------------------------------------------------------
+    def on_train_batch_start(self, run: _Run, batch: Any, batch_idx: int) -> None:
+        step = run.step
+        if step == self._sampled_step or not run.is_due(step) or self._handles:
+            return
+        self._sampled_step = step
+        self._stats = {}
+        self._input = None
+        owner = run.owner
+        for name, module in self.modules.items():
+            hook = owner._guard(self, self._make_hook(run, name))
+            self._handles.append(module.register_forward_hook(hook))
+
+    def on_before_backward(self, run: _Run, loss: Tensor) -> None:
+        self.remove_hooks()  # the forward of this micro-batch is over
+
+    def on_train_batch_end(self, run: _Run, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.remove_hooks()
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _make_hook(self, run: _Run, name: str) -> Any:
+        kind = self.kinds[name]
+        bounds = self.bounds.get(name)
+        thr = self.saturation_threshold
+
+        @torch.no_grad()
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if run.probing:
+                return
+            out = first_tensor(output)
+            if out is None:
+                return
+            if self._input is None and not self._stats:
+                x = first_tensor(inputs)
+                if x is not None:
+                    self._input = _Stats(-1)
+                    self._accumulate(self._input, x, "", None, thr)
+            st = self._stats.get(name)
+            if st is None:
+                st = self._stats[name] = _Stats(len(self._stats))
+            self._accumulate(st, out, kind, bounds, thr)
+
+        return hook
+
+    @staticmethod
+    def _accumulate(st: _Stats, x: Tensor, kind: str, bounds: tuple[float, float] | None, thr: float) -> None:
+        x = x.detach()
+        sq = N.sum_of_squares(x)
+        st.sumsq = sq if st.sumsq is None else st.sumsq + sq
+        st.numel += x.numel()
+        if kind == "relu" and x.dim() >= 2:
+            unit_dim = 1 if x.dim() >= 4 else x.dim() - 1
+            alive = x.movedim(unit_dim, -1).reshape(-1, x.shape[unit_dim]).ne(0).any(0)
+            st.alive = alive if st.alive is None or st.alive.shape != alive.shape else st.alive | alive
+        elif kind == "bounded" and bounds is not None:
+            lo, hi = bounds
+            margin = (hi - lo) * (1.0 - thr) / 2.0
+            sat = ((x <= lo + margin) | (x >= hi - margin)).sum()
+            st.saturated = sat if st.saturated is None else st.saturated + sat
+
+    def collect(self, run: _Run) -> None:
+        if not self._stats:
+            return
+        order = sorted(self._stats, key=lambda n: self._stats[n].order)
+        self.last_order = order
+        if self._input is not None and self._input.sumsq is not None:
+            run.add_metric(f"normcheck/act_rms/{INPUT_LABEL}", (self._input.sumsq / max(self._input.numel, 1)).sqrt())
+        self._window_samples += 1
+        for name in order:
+            st = self._stats[name]
+            if st.sumsq is None:
+                continue
+            run.add_metric(f"normcheck/act_rms/{name}", (st.sumsq / max(st.numel, 1)).sqrt())
+            if st.alive is not None:
+                run.add_metric(f"normcheck/dead_frac/{name}", 1.0 - st.alive.float().mean())
+                prev = self._window_alive.get(name)
+                win = st.alive if prev is None or prev.shape != st.alive.shape else prev | st.alive
+                self._window_alive[name] = win
+                run.add_metric(f"_dead_window/{name}", 1.0 - win.float().mean())
+            if st.saturated is not None:
+                run.add_metric(f"normcheck/saturated_frac/{name}", st.saturated.float() / max(st.numel, 1))
+        run.add_metric("_window_samples", torch.tensor(float(self._window_samples)))
+        if self._window_samples >= self.window:
+            self._window_alive = {}
+            self._window_samples = 0
+        self._stats = {}
+        self._input = None
+
+    def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
+        D.diagnose_activations(run.findings, self.history, values, self.last_order, self.modules, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history.load_state_dict(state.get("history", {}))
+
+
+class ActivationNormMonitor(_NormCheckBase):
+    r"""Measure the outputs of leaf modules on sampled steps: RMS, dead units and saturation.
+
+    Forward hooks are attached at the start of a sampled training batch and removed as soon as its
+    forward is over, so unsampled steps cost nothing. Each hooked module's output (the first
+    floating-point tensor of a tuple, dict, RNN output or ``PackedSequence``) gives its RMS; a module
+    called several times in one step is measured over all its calls. For ReLU-like modules the fraction
+    of units that are exactly zero for the whole batch is measured, and over a window of sampled steps
+    a unit counts as dead only if it never fired. For tanh/sigmoid the fraction of outputs within
+    ``1 - saturation_threshold`` of their bounds is measured. Validation, test and predict loops are
+    not measured.
+
+    Args:
+        log_every_n_steps: sampling cadence in optimizer steps (default: the Trainer's).
+        include_types: only hook modules of these class names (e.g. ``["Linear", "ReLU"]``).
+        exclude_types: never hook modules of these class names.
+        include_names: only hook modules whose name matches one of these glob patterns.
+        exclude_names: never hook modules whose name matches one of these glob patterns.
+        saturation_threshold: a bounded unit counts as saturated past this fraction of its range (0.99
+            means ``|tanh| > 0.99``).
+        activation_window: number of sampled steps over which dead and saturated units are judged.
+        print_summary: print the findings table at the end of fit.
+
+    Example:
+        >>> ActivationNormMonitor(exclude_types=["LayerNorm"])  # doctest: +ELLIPSIS
+        <...ActivationNormMonitor object at ...>
+
+    ========================================  ========================================================
+    Key                                       Value
+    ========================================  ========================================================
+    ``normcheck/act_rms/<module>``            RMS of the module's output (``<input>``: the model input)
+    ``normcheck/dead_frac/<module>``          ReLU-like: fraction of units zero for the whole batch
+    ``normcheck/saturated_frac/<module>``     tanh/sigmoid: fraction of outputs near the bounds
+    ========================================  ========================================================
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        include_types: list[str] | None = None,
+        exclude_types: list[str] | None = None,
+        include_names: list[str] | None = None,
+        exclude_names: list[str] | None = None,
+        saturation_threshold: float = 0.99,
+        activation_window: int = 5,
+        print_summary: bool = True,
+    ) -> None:
+        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
+        self._monitors = [
+            _make_monitor(
+                type(self).__name__,
+                include_types=include_types,
+                exclude_types=exclude_types,
+                include_names=include_names,
+                exclude_names=exclude_names,
+                saturation_threshold=saturation_threshold,
+                activation_window=activation_window,
+            )
+        ]
+
+
+def _make_monitor(
+    owner: str,
+    include_types: list[str] | None,
+    exclude_types: list[str] | None,
+    include_names: list[str] | None,
+    exclude_names: list[str] | None,
+    saturation_threshold: float,
+    activation_window: int,
+) -> _ActivationNorms:
+    lists = {
+        "include_types": include_types,
+        "exclude_types": exclude_types,
+        "include_names": include_names,
+        "exclude_names": exclude_names,
+    }
+    for arg, val in lists.items():
+        _check_str_list(owner, arg, val)
+    _check_float(owner, "saturation_threshold", saturation_threshold, low=0.0, high=1.0)
+    if saturation_threshold >= 1.0:
+        raise ValueError(f"{owner}: `saturation_threshold` must be in (0, 1), got {saturation_threshold!r}")
+    _check_int(owner, "activation_window", activation_window, 1)
+    copies = {k: (list(v) if v is not None else None) for k, v in lists.items()}
+    return _ActivationNorms(**copies, saturation_threshold=float(saturation_threshold), window=activation_window)
+
+
+__all__ = ["ActivationNormMonitor", "first_tensor"]

@@ -1,0 +1,154 @@
+"""ClipRateTracker: how often, and by how much, the pre-clip gradient exceeds the clipping threshold."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_normcheck import diagnosis as D
+from lightning_normcheck import norms as N
+from lightning_normcheck.callbacks._base import _check_choice, _check_float, _check_int, _Monitor, _NormCheckBase, _Run
+
+
+class _ClipRate(_Monitor):
+    name = "clip_rate"
+
+    def __init__(
+        self, clip_threshold: float | None, clip_algorithm: str | None, window: int, high_rate: float
+    ) -> None:
+        self.clip_threshold = clip_threshold
+        self.clip_algorithm = clip_algorithm
+        self.window = window
+        self.high_rate = high_rate
+        self.threshold: float | None = None
+        self.algorithm = "norm"
+        self._clipped: Tensor | None = None  # ring buffer of 0/1 per optimizer step
+        self._ratio: Tensor | None = None  # ring buffer of pre-clip measure / threshold
+        self._pos = 0
+        self._filled = 0
+        self.history = D.ClipHistory()
+
+    def setup(self, run: _Run) -> None:
+        trainer = run.trainer
+        self.threshold = self.clip_threshold
+        if self.threshold is None and trainer.gradient_clip_val:
+            self.threshold = float(trainer.gradient_clip_val)
+        self.algorithm = self.clip_algorithm or str(getattr(trainer, "gradient_clip_algorithm", None) or "norm")
+        self._clipped = None
+        self._pos = self._filled = 0
+
+    def on_before_optimizer_step(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
+        if self.threshold is None:
+            return
+        stats = run.grad_stats(optimizer)
+        if self.algorithm == "value":  # clip_grad_value_ acts when any |g| exceeds the value
+            measure = N.tensor_norms(stats.grads, float("inf")).amax() if stats.grads else stats.total
+        else:
+            measure = stats.total
+        ratio = (measure / self.threshold).reshape(1)
+        if self._clipped is None:
+            self._clipped = torch.zeros(self.window, device=ratio.device)
+            self._ratio = torch.zeros(self.window, device=ratio.device)
+        i = self._pos % self.window
+        self._clipped[i : i + 1] = (ratio > 1.0).float()  # a device write: no host sync
+        self._ratio[i : i + 1] = ratio  # type: ignore[index]
+        self._pos += 1
+        self._filled = min(self._filled + 1, self.window)
+
+    def collect(self, run: _Run) -> None:
+        if self._clipped is None or self._filled == 0 or self._ratio is None:
+            return
+        n = self._filled
+        clipped = self._clipped[:n]
+        rate = clipped.mean()
+        mean_excess = (self._ratio[:n] * clipped).sum() / clipped.sum().clamp_min(1.0)
+        run.add_metric("normcheck/clip/rate", rate)
+        run.add_metric("normcheck/clip/mean_excess", mean_excess)
+        run.add_metric("_clip_window_steps", torch.tensor(float(n)))
+
+    def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
+        D.diagnose_clipping(
+            run.findings, self.history, values, step, self.threshold, self.algorithm, self.high_rate, self.window
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": self.history.state_dict(),
+            "clipped": None if self._clipped is None else self._clipped.cpu(),
+            "ratio": None if self._ratio is None else self._ratio.cpu(),
+            "pos": self._pos,
+            "filled": self._filled,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history.load_state_dict(state.get("history", {}))
+        if state.get("clipped") is not None and len(state["clipped"]) == self.window:
+            self._clipped, self._ratio = state["clipped"], state["ratio"]
+            self._pos, self._filled = int(state.get("pos", 0)), int(state.get("filled", 0))
+
+
+class ClipRateTracker(_NormCheckBase):
+    r"""Track the fraction of optimizer steps whose pre-clip gradient exceeded the clipping threshold.
+
+    The threshold is the Trainer's ``gradient_clip_val`` (with ``gradient_clip_algorithm``) unless
+    ``clip_threshold`` is given, as when you clip by hand in ``configure_gradient_clipping`` or a manual
+    loop. For ``"norm"`` a step counts as clipped when the total gradient norm exceeds the threshold;
+    for ``"value"`` when any gradient entry does. The rate is over a sliding window of the last
+    ``clip_window`` optimizer steps, kept on the device. Without a threshold the tracker measures nothing.
+
+    Args:
+        log_every_n_steps: logging cadence in optimizer steps (default: the Trainer's).
+        clip_threshold: the clipping threshold when it is not the Trainer's ``gradient_clip_val``.
+        clip_algorithm: ``"norm"`` or ``"value"`` (default: the Trainer's, else ``"norm"``).
+        clip_window: the number of optimizer steps the rate is computed over.
+        high_clip_rate: a rate above this over a full window is reported as ``high_clip_rate``.
+        print_summary: print the findings table at the end of fit.
+
+    Example:
+        >>> ClipRateTracker(clip_threshold=1.0, clip_window=100)  # doctest: +ELLIPSIS
+        <...ClipRateTracker object at ...>
+
+    ======================================  ===========================================================
+    Key                                     Value
+    ======================================  ===========================================================
+    ``normcheck/clip/rate``                 fraction of the window's steps whose gradient was clipped
+    ``normcheck/clip/mean_excess``          mean pre-clip norm / threshold over those clipped steps
+    ======================================  ===========================================================
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        clip_threshold: float | None = None,
+        clip_algorithm: Literal["norm", "value"] | None = None,
+        clip_window: int = 50,
+        high_clip_rate: float = 0.5,
+        print_summary: bool = True,
+    ) -> None:
+        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
+        self._monitors = [
+            _make_monitor(
+                type(self).__name__,
+                clip_threshold=clip_threshold,
+                clip_algorithm=clip_algorithm,
+                clip_window=clip_window,
+                high_clip_rate=high_clip_rate,
+            )
+        ]
+
+
+def _make_monitor(
+    owner: str, clip_threshold: float | None, clip_algorithm: str | None, clip_window: int, high_clip_rate: float
+) -> _ClipRate:
+    _check_float(owner, "clip_threshold", clip_threshold, low=0.0, allow_none=True)
+    if clip_algorithm is not None:
+        _check_choice(owner, "clip_algorithm", clip_algorithm, ("norm", "value"))
+    _check_int(owner, "clip_window", clip_window, 1)
+    _check_float(owner, "high_clip_rate", high_clip_rate, low=0.0, high=1.0)
+    threshold = None if clip_threshold is None else float(clip_threshold)
+    return _ClipRate(threshold, clip_algorithm, clip_window, float(high_clip_rate))
+
+
+__all__ = ["ClipRateTracker"]

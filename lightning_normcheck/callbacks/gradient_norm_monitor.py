@@ -1,0 +1,123 @@
+"""GradientNormMonitor: the total pre-clip gradient norm of every optimizer step, per-layer norms on
+sampled steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning_normcheck import diagnosis as D
+from lightning_normcheck import norms as N
+from lightning_normcheck.callbacks._base import (
+    _check_bool,
+    _check_float,
+    _Monitor,
+    _NormCheckBase,
+    _Run,
+)
+
+TOTAL_KEY = "normcheck/grad_norm/total"
+
+
+class _GradientNorms(_Monitor):
+    name = "gradient_norm"
+
+    def __init__(self, norm_type: float = 2.0, per_parameter: bool = False) -> None:
+        self.norm_type = norm_type
+        self.per_parameter = per_parameter
+        self.history = D.GradientHistory()
+        self._first_nonfinite: tuple[int, list[str]] | None = None
+
+    def on_before_optimizer_step(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
+        step = run.step
+        if self.norm_type == 2.0:
+            stats = run.grad_stats(optimizer)
+            per_tensor, total = stats.norms, stats.total
+        else:  # a non-default norm gets its own pass
+            stats = run.grad_stats(optimizer)
+            per_tensor = N.tensor_norms(stats.grads, self.norm_type)
+            total = N.total_norm(per_tensor, self.norm_type)
+        run.add_series(step, TOTAL_KEY, total)
+        if not run.is_due(step) or not stats.grads:
+            return
+        per_layer = N.group_norms(per_tensor, stats.layer_index, len(run.layer_names), self.norm_type)
+        present = sorted(set(stats.layers))
+        run.add_metrics("normcheck/grad_norm/", per_layer[present], [run.layer_label(i) for i in present])
+        if self.per_parameter:
+            names = [run.param_name[id(p)] for p in stats.params]
+            run.add_metrics("normcheck/grad_norm_param/", per_tensor, names)
+
+    def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
+        totals = [(s, v) for s, n, v in run.flushed_series if n == TOTAL_KEY]
+        layers = {
+            k[len("normcheck/grad_norm/") :]: v
+            for k, v in values.items()
+            if k.startswith("normcheck/grad_norm/") and k != TOTAL_KEY
+        }
+        D.diagnose_gradients(run.findings, self.history, totals, layers, step, run.layer_names)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history.load_state_dict(state.get("history", {}))
+
+
+class GradientNormMonitor(_NormCheckBase):
+    r"""Log the total pre-clip gradient norm of every optimizer step and per-layer norms on sampled steps.
+
+    Gradients are read in ``on_before_optimizer_step``: after backward (accumulated over
+    ``accumulate_grad_batches``, unscaled by AMP's GradScaler) and *before* Lightning clips them, so
+    ``normcheck/grad_norm/total`` equals ``torch.nn.utils.get_total_norm`` of the gradients the
+    optimizer is about to use. Parameters whose ``grad`` is ``None`` (frozen) are skipped; tied
+    weights count once. The total of each step stays on the device and reaches the loggers, at its
+    own step, at the next logging step (one host transfer for all of them).
+
+    Args:
+        log_every_n_steps: cadence of per-layer norms and of flushing, in optimizer steps; default the
+            Trainer's ``log_every_n_steps``. The first 20 steps are sampled densely regardless.
+        norm_type: the p of the p-norm (2.0 by default, ``inf`` allowed).
+        per_parameter: also log one key per parameter (``normcheck/grad_norm_param/<name>``).
+        print_summary: print the findings table at the end of fit.
+
+    Raises:
+        ValueError: if an argument is out of range (the message names it and what is allowed).
+
+    Example:
+        >>> GradientNormMonitor(log_every_n_steps=10)  # doctest: +ELLIPSIS
+        <...GradientNormMonitor object at ...>
+
+    LightningCLI::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_normcheck.GradientNormMonitor
+              init_args: {log_every_n_steps: 10}
+
+    ======================================  ===========================================================
+    Key                                     Value
+    ======================================  ===========================================================
+    ``normcheck/grad_norm/total``           total pre-clip gradient norm, every optimizer step
+    ``normcheck/grad_norm/<layer>``         norm of the gradients of one module's own parameters
+    ``normcheck/grad_norm_param/<name>``    one parameter's gradient norm (``per_parameter=True``)
+    ======================================  ===========================================================
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        norm_type: float = 2.0,
+        per_parameter: bool = False,
+        print_summary: bool = True,
+    ) -> None:
+        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
+        self._monitors = [_make_monitor(type(self).__name__, norm_type=norm_type, per_parameter=per_parameter)]
+
+
+def _make_monitor(owner: str, norm_type: float, per_parameter: bool) -> _GradientNorms:
+    _check_float(owner, "norm_type", norm_type, low=0.0)
+    _check_bool(owner, "per_parameter", per_parameter)
+    return _GradientNorms(float(norm_type), per_parameter)
+
+
+__all__ = ["GradientNormMonitor", "TOTAL_KEY"]

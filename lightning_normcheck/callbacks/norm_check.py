@@ -1,0 +1,133 @@
+"""NormCheck: every lightning_normcheck monitor in one callback, with defaults that are cheap anywhere."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from lightning_normcheck.callbacks import (
+    activation_norm_monitor,
+    clip_rate_tracker,
+    gradient_norm_monitor,
+    training_bug_detector,
+    weight_drift_monitor,
+)
+from lightning_normcheck.callbacks._base import _check_bool, _Monitor, _NormCheckBase
+
+
+class NormCheck(_NormCheckBase):
+    r"""Watch gradient, activation and weight norms, clipping and the training loop in one callback.
+
+    ``NormCheck()`` bundles :class:`GradientNormMonitor`, :class:`ActivationNormMonitor`,
+    :class:`WeightDriftMonitor`, :class:`ClipRateTracker` and :class:`TrainingBugDetector`. They share
+    one gradient-norm pass per optimizer step, one sampling schedule, one host transfer and one logger
+    call per logging step. Its findings are in :attr:`findings` (one per code and layer), printed as a
+    table at the end of fit, sent to Python logging, raised as warnings, and written as text to
+    TensorBoard. Works with automatic and manual optimization and with any Lightning logger (or none).
+
+    Args:
+        log_every_n_steps: cadence of per-layer measurements, in optimizer steps (default: the
+            Trainer's ``log_every_n_steps``); the first 20 steps are sampled densely regardless.
+        gradients: enable the gradient-norm monitor.
+        activations: enable the activation monitor (forward hooks on sampled steps only).
+        weights: enable the weight-drift monitor.
+        clipping: enable the clipping-rate tracker (active when a clip threshold is known).
+        bugs: enable the training-bug detector.
+        norm_type: p of the gradient p-norm.
+        per_parameter: also log one gradient-norm key per parameter.
+        include_types: activation monitor: only hook modules of these class names.
+        exclude_types: activation monitor: never hook modules of these class names.
+        include_names: activation monitor: only hook modules matching these glob patterns.
+        exclude_names: activation monitor: never hook modules matching these glob patterns.
+        saturation_threshold: fraction of a bounded activation's range past which a unit is saturated.
+        activation_window: sampled steps over which dead and saturated units are judged.
+        track_drift: keep a copy of the start-of-fit weights and log the drift from it.
+        clip_threshold: the clipping threshold when you clip by hand (default: ``gradient_clip_val``).
+        clip_algorithm: ``"norm"`` or ``"value"`` (default: the Trainer's).
+        clip_window: optimizer steps the clip rate is computed over.
+        high_clip_rate: a clip rate above this over a full window is reported.
+        print_summary: print the findings table at the end of fit.
+
+    Raises:
+        ValueError: an argument is out of range (the message names it, the value and what is allowed).
+        TypeError: an argument has the wrong type.
+
+    Example:
+        >>> from lightning_normcheck import NormCheck
+        >>> NormCheck(activations=False, clip_threshold=1.0).findings
+        []
+
+    LightningCLI::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_normcheck.NormCheck
+              init_args:
+                log_every_n_steps: 25
+                exclude_types: [LayerNorm]
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        gradients: bool = True,
+        activations: bool = True,
+        weights: bool = True,
+        clipping: bool = True,
+        bugs: bool = True,
+        norm_type: float = 2.0,
+        per_parameter: bool = False,
+        include_types: list[str] | None = None,
+        exclude_types: list[str] | None = None,
+        include_names: list[str] | None = None,
+        exclude_names: list[str] | None = None,
+        saturation_threshold: float = 0.99,
+        activation_window: int = 5,
+        track_drift: bool = True,
+        clip_threshold: float | None = None,
+        clip_algorithm: Literal["norm", "value"] | None = None,
+        clip_window: int = 50,
+        high_clip_rate: float = 0.5,
+        print_summary: bool = True,
+    ) -> None:
+        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
+        owner = type(self).__name__
+        for arg, val in (
+            ("gradients", gradients),
+            ("activations", activations),
+            ("weights", weights),
+            ("clipping", clipping),
+            ("bugs", bugs),
+        ):
+            _check_bool(owner, arg, val)
+        # every part validates its own arguments (even when switched off), naming NormCheck's argument
+        parts: list[tuple[bool, _Monitor]] = [
+            (gradients, gradient_norm_monitor._make_monitor(owner, norm_type=norm_type, per_parameter=per_parameter)),
+            (
+                activations,
+                activation_norm_monitor._make_monitor(
+                    owner,
+                    include_types=include_types,
+                    exclude_types=exclude_types,
+                    include_names=include_names,
+                    exclude_names=exclude_names,
+                    saturation_threshold=saturation_threshold,
+                    activation_window=activation_window,
+                ),
+            ),
+            (weights, weight_drift_monitor._make_monitor(owner, track_drift=track_drift)),
+            (
+                clipping,
+                clip_rate_tracker._make_monitor(
+                    owner,
+                    clip_threshold=clip_threshold,
+                    clip_algorithm=clip_algorithm,
+                    clip_window=clip_window,
+                    high_clip_rate=high_clip_rate,
+                ),
+            ),
+            (bugs, training_bug_detector._make_monitor(owner)),
+        ]
+        self._monitors = [m for on, m in parts if on]
+
+
+__all__ = ["NormCheck"]

@@ -1,0 +1,148 @@
+"""WeightDriftMonitor: per-layer weight norms, drift from the start of fit, and update-to-weight ratios."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_normcheck import diagnosis as D
+from lightning_normcheck import norms as N
+from lightning_normcheck.callbacks._base import _check_bool, _Monitor, _NormCheckBase, _Run
+
+
+class _WeightDrift(_Monitor):
+    name = "weight_drift"
+
+    def __init__(self, track_drift: bool = True) -> None:
+        self.track_drift = track_drift
+        self.params: list[Tensor] = []
+        self.layers: list[int] = []
+        self.layer_index: Tensor | None = None
+        self.reference: list[Tensor] | None = None
+        self._snapshot: dict[int, list[Tensor]] = {}  # id(optimizer) -> params before a sampled step
+        self._updates: dict[int, Tensor] = {}  # id(optimizer) -> per-tensor update norms of that step
+        self._handles: list[Any] = []
+        self.history = D.WeightHistory()
+        self._restored_reference: list[Tensor] | None = None
+
+    def setup(self, run: _Run) -> None:
+        self.params = [p for p in run.pl_module.parameters() if p.requires_grad]
+        self.layers = [run.param_layer[id(p)] for p in self.params]
+        self.layer_index = torch.tensor(self.layers, dtype=torch.long)
+        self.reference = None  # a new fit measures from its own start, unless a checkpoint restores one
+
+    def on_train_start(self, run: _Run) -> None:
+        ref = self._restored_reference
+        if ref is not None and len(ref) == len(self.params):
+            self.reference = [r.to(p.device) for r, p in zip(ref, self.params)]
+        elif self.track_drift:
+            self.reference = N.clone_tensors(self.params)
+        self._restored_reference = None
+        owner = run.owner
+        for opt in run.trainer.optimizers:
+            hook = owner._guard(self, self._make_post_hook(run, opt))
+            self._handles.append(opt.register_step_post_hook(hook))
+
+    def on_before_optimizer_step(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
+        if run.is_due(run.step):  # a snapshot only before sampled steps: copying every step is costly
+            params, _, _ = run.optimizer_params(optimizer)
+            self._snapshot[id(optimizer)] = N.clone_tensors(params)
+
+    def _make_post_hook(self, run: _Run, optimizer: torch.optim.Optimizer) -> Any:
+        def post_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            before = self._snapshot.pop(id(opt), None)
+            if before is None:
+                return
+            params, _, _ = run.optimizer_params(opt)
+            self._updates[id(opt)] = N.sub_norms(params, before)
+
+        return post_hook
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._snapshot = {}
+
+    def collect(self, run: _Run) -> None:
+        if not self.params or self.layer_index is None:
+            return
+        n_layers = len(run.layer_names)
+        present = sorted(set(self.layers))
+        labels = [run.layer_label(i) for i in present]
+        w_norms = N.tensor_norms(self.params)
+        per_layer = N.group_norms(w_norms, self.layer_index, n_layers)
+        run.add_metrics("normcheck/weight_norm/", per_layer[present], labels)
+        if self.reference is not None:
+            drift = N.group_norms(N.sub_norms(self.params, self.reference), self.layer_index, n_layers)
+            ref = N.group_norms(N.tensor_norms(self.reference), self.layer_index, n_layers)
+            run.add_metrics("normcheck/weight_drift/", (drift / ref.clamp_min(1e-12))[present], labels)
+        for opt_id, upd in list(self._updates.items()):
+            opt = next((o for o in run.trainer.optimizers if id(o) == opt_id), None)
+            if opt is None:
+                continue
+            params, layers, index = run.optimizer_params(opt)
+            u = N.group_norms(upd, index, n_layers)
+            w = N.group_norms(N.tensor_norms(params), index, n_layers)
+            opt_present = sorted(set(layers))
+            run.add_metrics(
+                "normcheck/update_ratio/",
+                (u / w.clamp_min(1e-12))[opt_present],
+                [run.layer_label(i) for i in opt_present],
+            )
+        self._updates = {}
+
+    def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
+        D.diagnose_weights(run.findings, self.history, values, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        ref = [r.detach().cpu() for r in self.reference] if self.reference is not None else None
+        return {"history": self.history.state_dict(), "reference": ref}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history.load_state_dict(state.get("history", {}))
+        self._restored_reference = state.get("reference")
+
+
+class WeightDriftMonitor(_NormCheckBase):
+    r"""Track per-layer weight norms, their drift from the start of fit and the size of each update.
+
+    At ``on_train_start`` a copy of the trainable weights is kept as the reference (on their device;
+    saved with the checkpoint so a resumed run keeps its reference). On sampled steps the weights are
+    copied just before the optimizer step and compared right after it (a torch optimizer step
+    post-hook), giving the update-to-weight ratio ``||w_after - w_before|| / ||w_after||`` per layer.
+    Nothing is copied on other steps.
+
+    Args:
+        log_every_n_steps: sampling cadence in optimizer steps (default: the Trainer's).
+        track_drift: keep the start-of-fit reference and log the relative drift from it.
+        print_summary: print the findings table at the end of fit.
+
+    Example:
+        >>> WeightDriftMonitor(track_drift=False)  # doctest: +ELLIPSIS
+        <...WeightDriftMonitor object at ...>
+
+    ========================================  ========================================================
+    Key                                       Value
+    ========================================  ========================================================
+    ``normcheck/weight_norm/<layer>``         L2 norm of the module's own parameters
+    ``normcheck/weight_drift/<layer>``        ``||w - w_start|| / ||w_start||``
+    ``normcheck/update_ratio/<layer>``        ``||w_after - w_before|| / ||w_after||`` of a sampled step
+    ========================================  ========================================================
+    """
+
+    def __init__(
+        self, log_every_n_steps: int | None = None, track_drift: bool = True, print_summary: bool = True
+    ) -> None:
+        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
+        self._monitors = [_make_monitor(type(self).__name__, track_drift=track_drift)]
+
+
+def _make_monitor(owner: str, track_drift: bool) -> _WeightDrift:
+    _check_bool(owner, "track_drift", track_drift)
+    return _WeightDrift(track_drift)
+
+
+__all__ = ["WeightDriftMonitor"]

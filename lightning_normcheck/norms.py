@@ -1,0 +1,160 @@
+"""Norm computations shared by every lightning_normcheck callback.
+
+Pure torch (no Lightning import), in the spirit of ``lightning.pytorch.utilities.grads`` and
+``torch.nn.utils.clip_grad``: everything runs under ``no_grad``, returns tensors that stay on the
+device, groups inputs by ``(device, dtype)`` and uses torch's fused ``_foreach_norm`` with a plain
+per-tensor fallback. Nothing here calls ``.item()`` or otherwise synchronizes with the host: the
+callbacks stack the results and move them to the host once per logging step.
+
+Example:
+    >>> import torch
+    >>> ts = [torch.tensor([3.0, 4.0]), torch.tensor([12.0])]
+    >>> tensor_norms(ts)
+    tensor([ 5., 12.])
+    >>> total_norm(tensor_norms(ts))
+    tensor(13.)
+    >>> group_norms(tensor_norms(ts), torch.tensor([0, 0]), num_groups=1)
+    tensor([13.])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
+
+__all__ = [
+    "tensor_norms",
+    "total_norm",
+    "group_norms",
+    "group_sizes",
+    "rms",
+    "nonfinite",
+    "sum_of_squares",
+    "sub_norms",
+    "clone_tensors",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _norm_input(t: Tensor) -> Tensor:
+    # Sparse gradients (nn.Embedding(sparse=True)) have no foreach kernel: their values carry the norm.
+    if t.is_sparse:
+        return t.coalesce().values()
+    return t.detach()
+
+
+@torch.no_grad()
+def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, device: torch.device | None = None) -> Tensor:
+    """Per-tensor norms as one 1-D ``float32`` tensor, in the order of ``tensors``.
+
+    Tensors are grouped by ``(device, dtype)``; each group costs one fused ``_foreach_norm`` launch.
+    Half-precision inputs are reduced in ``float32`` so a large fp16 gradient does not overflow the
+    norm itself. Complex tensors give the norm of their magnitudes, like ``torch.linalg.vector_norm``.
+
+    Args:
+        tensors: the tensors to measure (gradients, weights, activations).
+        norm_type: the order of the norm (``2.0``, ``1.0``, ``inf``...).
+        device: where the result lives; default the first tensor's device (CPU when empty).
+
+    Returns:
+        A ``float32`` tensor of shape ``(len(tensors),)``.
+    """
+    tensors = [_norm_input(t) for t in tensors]
+    if device is None:
+        device = tensors[0].device if tensors else torch.device("cpu")
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    norm_type = float(norm_type)
+    out: list[Tensor | None] = [None] * len(tensors)
+    grouped = _group_tensors_by_device_and_dtype([tensors], with_indices=True)  # type: ignore[list-item]
+    for (dev, dtype), ([group], indices) in grouped.items():  # type: ignore[misc]
+        if _has_foreach_support(group, dev) and not dtype.is_complex:
+            kwargs = {"dtype": torch.float32} if dtype in _LOW_PRECISION else {}
+            norms = torch._foreach_norm(group, norm_type, **kwargs)
+        else:
+            norms = [torch.linalg.vector_norm(t, norm_type, dtype=_reduce_dtype(t)) for t in group]
+        for i, n in zip(indices, norms):
+            out[i] = n
+    return torch.stack([n.to(device=device, dtype=torch.float32) for n in out])  # type: ignore[union-attr]
+
+
+def _reduce_dtype(t: Tensor) -> torch.dtype | None:
+    if t.dtype in _LOW_PRECISION or not t.is_floating_point() and not t.is_complex():
+        return torch.float32
+    return None
+
+
+def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:
+    """Combine per-tensor norms into the norm of all tensors concatenated.
+
+    This is what ``torch.nn.utils.get_total_norm`` computes (it also takes the norm of the stacked
+    per-tensor norms), so the two agree to float rounding. An empty input gives ``0``.
+    """
+    if norms.numel() == 0:
+        return norms.new_zeros(())
+    return torch.linalg.vector_norm(norms, float(norm_type))
+
+
+def group_norms(norms: Tensor, group_index: Tensor, num_groups: int, norm_type: float = 2.0) -> Tensor:
+    """Aggregate per-tensor norms into per-group norms (for example per owning module).
+
+    ``group_index[i]`` is the group of tensor ``i``. For a p-norm the group norm is
+    ``(sum_i norm_i ** p) ** (1/p)``, the norm of the group's tensors concatenated; for ``inf`` it is
+    the max. One ``index_add_`` (or ``scatter_reduce``), no host sync. Empty groups give ``0``.
+    """
+    norm_type = float(norm_type)
+    group_index = group_index.to(norms.device)
+    out = norms.new_zeros(num_groups)
+    if norms.numel() == 0:
+        return out
+    if math.isinf(norm_type):
+        return out.scatter_reduce(0, group_index, norms, reduce="amax", include_self=True)
+    out.index_add_(0, group_index, norms.pow(norm_type))
+    return out.pow(1.0 / norm_type)
+
+
+def group_sizes(numels: Sequence[int], group_index: Sequence[int], num_groups: int) -> list[int]:
+    """Number of elements per group (host-side bookkeeping done once at setup)."""
+    sizes = [0] * num_groups
+    for n, g in zip(numels, group_index):
+        sizes[g] += int(n)
+    return sizes
+
+
+def rms(norms: Tensor, numels: Tensor | Sequence[int]) -> Tensor:
+    """Root mean square from L2 norms and element counts: ``norm / sqrt(numel)`` (0 when empty)."""
+    numels_t = torch.as_tensor(numels, dtype=torch.float32, device=norms.device)
+    return norms / numels_t.clamp_min(1.0).sqrt()
+
+
+@torch.no_grad()
+def sum_of_squares(t: Tensor) -> Tensor:
+    """Sum of squares of one tensor, reduced in ``float32`` (one kernel; used by forward hooks)."""
+    return torch.linalg.vector_norm(_norm_input(t), 2.0, dtype=_reduce_dtype(t)).square()
+
+
+def nonfinite(values: Tensor) -> Tensor:
+    """Boolean mask of entries that are ``inf`` or ``nan`` (a norm is non-finite iff its tensor is)."""
+    return ~torch.isfinite(values)
+
+
+@torch.no_grad()
+def clone_tensors(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Detached copies (used for weight snapshots), one fused copy per ``(device, dtype)`` group."""
+    return [t.detach().clone() for t in tensors]
+
+
+@torch.no_grad()
+def sub_norms(a: Sequence[Tensor], b: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+    """Per-pair norms of ``a[i] - b[i]`` (update sizes, drift from a reference) in one fused pass."""
+    if len(a) != len(b):
+        raise ValueError(f"sub_norms needs sequences of the same length, got {len(a)} and {len(b)}")
+    if not a:
+        return torch.zeros(0, dtype=torch.float32)
+    diffs = torch._foreach_sub([t.detach() for t in a], [t.detach() for t in b])
+    return tensor_norms(diffs, norm_type)
