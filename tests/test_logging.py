@@ -1,0 +1,213 @@
+"""Logged numbers, read back from TensorBoard and CSV files, against independent computations."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from helpers import LitModel, fit, loader, regression_data
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.nn.utils import get_total_norm
+
+from lightning_normcheck import (
+    ActivationNormMonitor,
+    ClipRateTracker,
+    GradientNormMonitor,
+    NormCheck,
+    WeightDriftMonitor,
+)
+
+
+class Recorder(L.Callback):
+    """Computes the same quantities independently (torch.linalg / get_total_norm), every step."""
+
+    def __init__(self) -> None:
+        self.total: dict[int, float] = {}
+        self.layer_grad: dict[int, dict[str, float]] = {}
+        self.weight: dict[int, dict[str, float]] = {}
+        self.drift: dict[int, dict[str, float]] = {}
+        self.update: dict[int, dict[str, float]] = {}
+        self.act: dict[int, dict[str, float]] = {}
+        self._before: dict[str, torch.Tensor] = {}
+        self._start: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    @staticmethod
+    def _by_module(model: nn.Module, what: str) -> dict[str, torch.Tensor]:
+        out: dict[str, list[torch.Tensor]] = {}
+        for name, p in model.named_parameters():
+            t = p.grad if what == "grad" else p.detach()
+            if t is not None:
+                out.setdefault(name.rsplit(".", 1)[0], []).append(t.flatten())
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = {k: v.clone() for k, v in self._by_module(pl_module, "weight").items()}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int) -> None:
+        step = trainer.global_step
+        self.act[step] = {}
+
+        def make(name: str) -> Any:
+            def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
+                self.act[step][name] = out.detach().double().pow(2).mean().sqrt().item()
+
+            return hook
+
+        for name, mod in pl_module.named_modules():
+            if name and not list(mod.children()):
+                self._handles.append(mod.register_forward_hook(make(name)))
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        step = trainer.global_step
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.total[step] = get_total_norm(grads).item()
+        self.layer_grad[step] = {k: torch.linalg.vector_norm(v).item() for k, v in self._by_module(pl_module, "grad").items()}
+        self._before = {k: v.clone() for k, v in self._by_module(pl_module, "weight").items()}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step - 1
+        now = self._by_module(pl_module, "weight")
+        self.weight[step] = {k: torch.linalg.vector_norm(v).item() for k, v in now.items()}
+        self.drift[step] = {
+            k: (torch.linalg.vector_norm(v - self._start[k]) / torch.linalg.vector_norm(self._start[k])).item()
+            for k, v in now.items()
+        }
+        self.update[step] = {
+            k: (torch.linalg.vector_norm(v - self._before[k]) / torch.linalg.vector_norm(v)).item() for k, v in now.items()
+        }
+
+
+def read_tb(log_dir: str) -> dict[str, dict[int, float]]:
+    ea = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    ea.Reload()
+    return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
+
+
+def read_csv(log_dir: str) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    with open(Path(log_dir) / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            for k, v in row.items():
+                if k != "step" and v not in ("", None):
+                    out.setdefault(k, {})[int(row["step"])] = float(v)
+    return out
+
+
+def _model() -> LitModel:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    return LitModel(net, lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recorder, dict[str, Any], L.Trainer]:
+    tmp_path = tmp_path_factory.mktemp("logged")
+    rec = Recorder()
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    cs = CSVLogger(tmp_path, name="csv")
+    trainer = fit(
+        _model(), loader(regression_data(), 16), [rec, NormCheck()], max_steps=24,
+        logger=[tb, cs], log_every_n_steps=7, gradient_clip_val=0.5,
+    )
+    return rec, {"tb": read_tb(tb.log_dir), "csv": read_csv(cs.log_dir)}, trainer
+
+
+def test_total_grad_norm_every_step_equals_get_total_norm(logged_run: Any) -> None:
+    rec, logs, _ = logged_run
+    for kind in ("tb", "csv"):
+        logged = logs[kind]["normcheck/grad_norm/total"]
+        assert sorted(logged) == list(range(24)), kind  # every optimizer step, at its own step
+        for step, value in logged.items():
+            assert value == pytest.approx(rec.total[step], rel=1e-5), (kind, step)
+    # clipping was active (threshold 0.5): the logged norm is the pre-clip one
+    assert max(rec.total.values()) > 0.5
+
+
+def test_per_layer_values_match_independent_computation(logged_run: Any) -> None:
+    rec, logs, _ = logged_run
+    tb = logs["tb"]
+    steps = sorted(tb["normcheck/grad_norm/net.0"])
+    assert steps[:4] == [0, 1, 2, 3] and 7 in steps and 14 in steps and 21 in steps
+    for kind in ("tb", "csv"):
+        data = logs[kind]
+        for layer in ("net.0", "net.2", "net.4"):
+            for step in steps:
+                assert data[f"normcheck/grad_norm/{layer}"][step] == pytest.approx(rec.layer_grad[step][layer], rel=1e-5)
+                assert data[f"normcheck/weight_norm/{layer}"][step] == pytest.approx(rec.weight[step][layer], rel=1e-5)
+                assert data[f"normcheck/weight_drift/{layer}"][step] == pytest.approx(
+                    rec.drift[step][layer], rel=1e-4, abs=1e-7
+                )
+                assert data[f"normcheck/update_ratio/{layer}"][step] == pytest.approx(
+                    rec.update[step][layer], rel=1e-4, abs=1e-9
+                )
+        for module in ("net.0", "net.1", "net.2", "net.3", "net.4"):
+            for step in steps:
+                assert data[f"normcheck/act_rms/{module}"][step] == pytest.approx(rec.act[step][module], rel=1e-5)
+
+
+def test_clip_rate_matches_hand_count(logged_run: Any) -> None:
+    rec, logs, _ = logged_run
+    rate = logs["tb"]["normcheck/clip/rate"]
+    for step, value in rate.items():
+        window = [rec.total[s] > 0.5 for s in range(max(0, step - 49), step + 1)]
+        assert value == pytest.approx(sum(window) / len(window), rel=1e-6)
+
+
+def test_every_metric_is_under_normcheck_prefix(logged_run: Any) -> None:
+    _, logs, _ = logged_run
+    assert logs["tb"] and all(k.startswith("normcheck/") for k in logs["tb"])
+    assert all(k.startswith("normcheck/") for k in logs["csv"])
+
+
+def test_dead_and_saturated_fractions_by_hand(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 16)
+    with torch.no_grad():  # half the ReLU units dead for every input, tanh pushed to its bounds
+        lin.bias[:8] = -100.0
+    net = nn.Sequential(lin, nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+    with torch.no_grad():
+        net[2].weight.mul_(50.0)
+    data = regression_data()
+    x0 = data.tensors[0][:16]
+    cb = ActivationNormMonitor(log_every_n_steps=1)
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    fit(LitModel(net, lr=0.0), loader(data, 16), [cb], max_steps=1, logger=tb)
+    logs = read_tb(tb.log_dir)
+    with torch.no_grad():
+        h = net[1](net[0](x0))
+        t = net[3](net[2](h))
+    dead = (h == 0).all(0).float().mean().item()
+    sat = (t.abs() >= 0.99).float().mean().item()
+    assert dead >= 0.5
+    assert logs["normcheck/dead_frac/net.1"][0] == pytest.approx(dead)
+    assert logs["normcheck/saturated_frac/net.3"][0] == pytest.approx(sat, abs=1e-6)
+
+
+def test_works_without_logger_and_each_callback_alone(tmp_path: Path) -> None:
+    for cb in (GradientNormMonitor(), ActivationNormMonitor(), WeightDriftMonitor(), ClipRateTracker(clip_threshold=1.0)):
+        trainer = fit(_model(), loader(regression_data(), 16), [cb], max_steps=5, logger=False)
+        assert trainer.global_step == 5 and cb.disabled_monitors == []
+
+
+def test_per_parameter_and_norm_type(tmp_path: Path) -> None:
+    rec = Recorder()
+    cs = CSVLogger(tmp_path, name="csv")
+    fit(_model(), loader(regression_data(), 16), [rec, GradientNormMonitor(per_parameter=True, norm_type=math.inf)],
+        max_steps=3, logger=cs, log_every_n_steps=1)
+    data = read_csv(cs.log_dir)
+    assert "normcheck/grad_norm_param/net.0.weight" in data
+    for step, value in data["normcheck/grad_norm/total"].items():
+        assert value > 0 and value <= rec.total[step]  # the inf-norm is at most the 2-norm
