@@ -211,3 +211,80 @@ def test_per_parameter_and_norm_type(tmp_path: Path) -> None:
     assert "normcheck/grad_norm_param/net.0.weight" in data
     for step, value in data["normcheck/grad_norm/total"].items():
         assert value > 0 and value <= rec.total[step]  # the inf-norm is at most the 2-norm
+
+
+class OptRecorder(L.Callback):
+    """get_total_norm of the gradients of the optimizer about to step, keyed by global step."""
+
+    def __init__(self) -> None:
+        self.total: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self.total[trainer.global_step] = get_total_norm(grads).item()
+
+
+class TwoOptimizers(L.LightningModule):
+    """Manual optimization, GAN-style alternation of two optimizers on two sub-networks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.gen = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.disc = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, _ = batch
+        opt_g, opt_d = self.optimizers()
+        fake = self.gen(torch.randn_like(x))
+        d_loss = self.disc(fake.detach()).mean() - self.disc(x).mean()
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        g_loss = -self.disc(self.gen(torch.randn_like(x))).mean()
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(self.gen.parameters(), 1e-3), torch.optim.SGD(self.disc.parameters(), 1e-2)]
+
+
+def test_total_norm_manual_optimization_two_optimizers(tmp_path: Path) -> None:
+    rec = OptRecorder()
+    cs = CSVLogger(tmp_path, name="csv")
+    torch.manual_seed(0)
+    trainer = fit(TwoOptimizers(), loader(regression_data(), 16), [rec, NormCheck()], max_steps=10, logger=cs,
+                  log_every_n_steps=4)
+    logged = read_csv(cs.log_dir)["normcheck/grad_norm/total"]
+    assert sorted(logged) == sorted(rec.total) == list(range(trainer.global_step))
+    for step, value in logged.items():
+        assert value == pytest.approx(rec.total[step], rel=1e-5)
+    data = read_csv(cs.log_dir)
+    assert "normcheck/grad_norm/gen.0" in data and "normcheck/grad_norm/disc.2" in data
+
+
+def test_total_norm_with_accumulation_and_frozen_layer(tmp_path: Path) -> None:
+    rec = OptRecorder()
+    cs = CSVLogger(tmp_path, name="csv")
+    model = _model()
+    model.net[0].requires_grad_(False)  # frozen: grad stays None and is skipped
+    fit(model, loader(regression_data(), 8), [rec, NormCheck()], max_steps=6, logger=cs, log_every_n_steps=2,
+        accumulate_grad_batches=3)
+    data = read_csv(cs.log_dir)
+    logged = data["normcheck/grad_norm/total"]
+    assert sorted(logged) == list(range(6))
+    for step, value in logged.items():
+        assert value == pytest.approx(rec.total[step], rel=1e-5)
+    assert "normcheck/grad_norm/net.0" not in data and "normcheck/grad_norm/net.2" in data
+
+
+def test_bf16_mixed_total_norm(tmp_path: Path) -> None:
+    rec = OptRecorder()
+    cs = CSVLogger(tmp_path, name="csv")
+    fit(_model(), loader(regression_data(), 16), [rec, GradientNormMonitor()], max_steps=5, logger=cs,
+        precision="bf16-mixed")
+    logged = read_csv(cs.log_dir)["normcheck/grad_norm/total"]
+    assert len(logged) == 5
+    for step, value in logged.items():
+        assert value == pytest.approx(rec.total[step], rel=1e-5)
