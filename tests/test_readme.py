@@ -1,0 +1,40 @@
+"""The README's two commands: CI runs its test command, and the demo command's configs exist."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _commands() -> list[str]:
+    block = re.search(r"```bash\n(.*?)```", README, re.S)
+    assert block, "the README opens with a bash block"
+    return [ln for ln in block.group(1).splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def test_readme_opens_with_two_commands() -> None:
+    cmds = _commands()
+    assert len(cmds) == 2
+    assert all("pip install torch==2.13.0" in c and 'pip install -e ".[dev]"' in c for c in cmds)
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    test_cmd = _commands()[1].split("&&")[-1].strip()
+    ci_lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test_cmd in ci_lines
+
+
+def test_demo_command_configs_exist() -> None:
+    demo = _commands()[0]
+    configs = re.findall(r"--config (\S+)", demo)
+    assert configs and all((ROOT / c).is_file() for c in configs)
+
+
+def test_every_finding_code_is_documented() -> None:
+    from lightning_normcheck.findings import CODES
+
+    for code in CODES:
+        assert f"`{code}`" in README, code
