@@ -39,9 +39,8 @@ CODES: tuple[str, ...] = (
     "gradient_spikes",
     "input_scale",
     "label_scale",
-    # info-level hints and the monitors' own health
+    # info-level hints (clipping habits, warm-up)
     "hygiene",
-    "monitor_error",
 )
 
 log = logging.getLogger("lightning_normcheck")
