@@ -30,7 +30,6 @@ __all__ = [
     "tensor_norms",
     "total_norm",
     "group_norms",
-    "group_sizes",
     "rms",
     "nonfinite",
     "sum_of_squares",
@@ -116,14 +115,6 @@ def group_norms(norms: Tensor, group_index: Tensor, num_groups: int, norm_type: 
         return out.scatter_reduce(0, group_index, norms, reduce="amax", include_self=True)
     out.index_add_(0, group_index, norms.pow(norm_type))
     return out.pow(1.0 / norm_type)
-
-
-def group_sizes(numels: Sequence[int], group_index: Sequence[int], num_groups: int) -> list[int]:
-    """Number of elements per group (host-side bookkeeping done once at setup)."""
-    sizes = [0] * num_groups
-    for n, g in zip(numels, group_index):
-        sizes[g] += int(n)
-    return sizes
 
 
 def rms(norms: Tensor, numels: Tensor | Sequence[int]) -> Tensor:
