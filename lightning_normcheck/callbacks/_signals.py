@@ -1,0 +1,321 @@
+"""Monitors for data and first-step causes: the scale of the batch (inputs and regression targets) and
+intermittent spikes of the total gradient norm, plus info-level training hygiene hints.
+
+:class:`_BatchScale` looks at the float tensors of the batch on sampled steps only (a handful of
+reductions per tensor, queued for the flush; integer tensors such as token ids or class labels are not
+features and are skipped). :class:`_GradientSpikes` reads the per-step total gradient norms that the
+gradient monitor queues anyway, on the host at each flush; it costs nothing on the device. The decisions
+are in :mod:`lightning_normcheck.diagnosis.data`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_normcheck.callbacks._base import _check_float, _Monitor, _Run
+from lightning_normcheck.diagnosis import data as DD
+
+TOTAL_KEY = "normcheck/grad_norm/total"  # same key as gradient_norm_monitor.TOTAL_KEY (no import cycle)
+INPUT_KEY = "normcheck/input/max_abs/"
+TARGET_KEY = "normcheck/target/median_abs/"
+_PREFIX = "_data/"
+#: Batch keys taken as the regression target in a dict batch.
+TARGET_NAMES = ("y", "target", "targets", "label", "labels", "y_true", "score", "scores", "value", "values")
+#: At most this many float tensors of one batch are measured (a batch is rarely wider).
+MAX_TENSORS = 8
+#: Features listed per tensor (the largest by max |x|).
+TOP_K = 3
+#: The target median is taken over at most this many entries (a dense target can be large).
+MEDIAN_SAMPLE = 65536
+#: Step -> batch index entries kept for the spike report (flushes are at most this far apart).
+MAX_BATCH_MAP = 20000
+
+
+def _walk(batch: Any, name: str, depth: int, out: list[tuple[str, str, Tensor]]) -> None:
+    """Collect the floating-point tensors of a batch as (display name, key label, tensor)."""
+    if len(out) >= MAX_TENSORS or depth > 3:
+        return
+    if isinstance(batch, Tensor):
+        if batch.is_floating_point() and batch.layout == torch.strided and batch.numel() > 0:
+            label = name[len("batch") :].strip("[]'.").replace("][", ".").replace("'", "") or "batch"
+            out.append((name, label, batch))
+        return
+    if isinstance(batch, Mapping):
+        for k, v in batch.items():
+            _walk(v, f"{name}[{k!r}]", depth + 1, out)
+    elif isinstance(batch, (tuple, list)):
+        for i, v in enumerate(batch):
+            _walk(v, f"{name}[{i}]", depth + 1, out)
+
+
+def _guess_target(batch: Any) -> tuple[Tensor | None, str]:
+    """The tensor that looks like the regression target, and why (``None`` when nothing does)."""
+    if isinstance(batch, Mapping):
+        for k, v in batch.items():
+            if isinstance(k, str) and k.lower() in TARGET_NAMES and isinstance(v, Tensor):
+                return (v, f"dict key {k!r}") if v.is_floating_point() else (None, "")
+        return None, ""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        last, first = batch[-1], batch[0]
+        if isinstance(last, Tensor) and isinstance(first, Tensor) and last.is_floating_point():
+            if last.ndim >= 1 and first.ndim >= 1 and last.shape[0] == first.shape[0]:
+                return last, "the last tensor of the batch tuple"
+    return None, ""
+
+
+def _feature_axis(x: Tensor) -> tuple[int, str]:
+    if x.ndim <= 1:
+        return -1, "column"
+    if x.ndim == 2:
+        return 1, "column"
+    if x.ndim == 3:
+        return 2, "feature"  # (batch, time, features)
+    return 1, "channel"  # (batch, channels, ...)
+
+
+@torch.no_grad()
+def _input_stats(x: Tensor, threshold: float) -> dict[str, Tensor]:
+    """Per-feature scale statistics of one float tensor, reduced to its top features (device tensors)."""
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    axis, _ = _feature_axis(x)
+    xf = x.reshape(-1, 1) if x.ndim <= 1 else x.movedim(axis, -1).reshape(-1, x.shape[axis])
+    finite = torch.isfinite(xf)
+    vmin, vmax = torch.aminmax(xf, dim=0)
+    std, mean = torch.std_mean(xf, dim=0, correction=0)
+    max_abs = torch.maximum(vmax, -vmin)
+    rank = torch.where(finite.all(0), max_abs, torch.full_like(max_abs, math.inf))  # non-finite first
+    k = min(TOP_K, xf.shape[1])
+    _, idx = torch.topk(rank, k)
+    cols = xf.index_select(1, idx).abs()
+    near_zero = (cols <= 0.01 * max_abs[idx]).float().mean(0)
+    return {
+        "idx": idx.float(),
+        "max_abs": max_abs[idx],
+        "mean": mean[idx],
+        "std": std[idx],
+        "min": vmin[idx],
+        "max": vmax[idx],
+        "near_zero": near_zero,
+        "n_above": (max_abs > threshold).sum(),
+        "nonfinite": (~finite).sum(),
+        "all_min": vmin.min(),
+        "all_max_abs": max_abs.max(),
+    }
+
+
+@torch.no_grad()
+def _target_stats(y: Tensor) -> dict[str, Tensor]:
+    y = y.detach()
+    if y.dtype not in (torch.float32, torch.float64):
+        y = y.float()
+    flat = y.reshape(-1)
+    std, mean = torch.std_mean(flat, correction=0)
+    sample = flat[:MEDIAN_SAMPLE].abs()
+    return {
+        "median_abs": sample.median(),
+        "rms": flat.square().mean().sqrt(),
+        "mean": mean,
+        "std": std,
+        "max_abs": flat.abs().max(),
+    }
+
+
+class _BatchScale(_Monitor):
+    """On sampled steps: per-feature scale of the float inputs, scale of the regression target, the loss.
+
+    Measured in ``on_train_batch_start`` (the batch as the model gets it) and ``on_before_backward`` (the
+    loss); queued as ``_``-internal values plus ``normcheck/input/max_abs/<tensor>`` and
+    ``normcheck/target/median_abs/<tensor>``; judged at the flush of the same step.
+    """
+
+    name = "batch_scale"
+
+    def __init__(self) -> None:
+        self._meta: dict[str, tuple[str, str, int, int]] = {}  # label -> (display, axis, n_features, ndim)
+        self._target: tuple[str, str, str] | None = None  # (label, display, why)
+        self._step = -1
+        self._loss_queued = False
+        self.normalized_by: str | None = None
+
+    def setup(self, run: _Run) -> None:
+        self.normalized_by = None
+        for name, module in run.pl_module.named_modules():
+            if next(module.children(), None) is not None or not any(True for _ in module.parameters(False)):
+                continue
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                self.normalized_by = f"{name} ({type(module).__name__})"
+            break  # the first leaf module with parameters
+
+    def on_train_batch_start(self, run: _Run, batch: Any, batch_idx: int) -> None:
+        step = run.step
+        if run.probing or not run.is_due(step):
+            return
+        if step != self._step:
+            self._meta = {}
+            self._target = None
+            self._step = step
+        target, why = _guess_target(batch)
+        found: list[tuple[str, str, Tensor]] = []
+        _walk(batch, "batch", 0, found)
+        for display, label, t in found:
+            if target is not None and t is target:
+                stats = _target_stats(t)
+                for key, v in stats.items():
+                    run.add_metric(f"{_PREFIX}target/{key}", v)
+                run.add_metric(TARGET_KEY + label, stats["median_abs"])
+                self._target = (label, display, why)
+                continue
+            axis, axis_name = _feature_axis(t)
+            n_features = 1 if t.ndim <= 1 else int(t.shape[axis])
+            k = min(TOP_K, n_features)
+            p = f"{_PREFIX}in/{label}/"
+            for key, v in _input_stats(t, DD.INPUT_SCALE).items():
+                if v.ndim == 0:
+                    run.add_metric(p + key, v)
+                else:
+                    run.add_metrics(f"{p}{key}/", v, [str(j) for j in range(k)])
+                if key == "all_max_abs":
+                    run.add_metric(INPUT_KEY + label, v)
+            self._meta[label] = (display, axis_name, n_features, t.ndim)
+
+    def on_before_backward(self, run: _Run, loss: Tensor) -> None:
+        if run.probing or not run.is_due(run.step) or not isinstance(loss, Tensor) or loss.numel() != 1:
+            return
+        scale = 1.0
+        if run.pl_module.automatic_optimization:  # Lightning divided the loss by accumulate_grad_batches
+            scale = float(getattr(run.trainer, "accumulate_grad_batches", 1) or 1)
+        run.add_metric(f"{_PREFIX}loss", loss.detach().float().reshape(()) * scale)
+
+    def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
+        inputs: list[DD.InputScale] = []
+        for label, (display, axis, n_features, ndim) in self._meta.items():
+            p = f"{_PREFIX}in/{label}/"
+            if p + "n_above" not in values:
+                continue
+            top = []
+            for j in range(min(TOP_K, n_features)):
+                g = {key: values.get(f"{p}{key}/{j}", math.nan) for key in _VECTOR_STATS}
+                top.append(DD.FeatureStat(index=int(g.pop("idx")), **g))
+            inputs.append(
+                DD.InputScale(
+                    display, axis, n_features, top, int(values[p + "n_above"]), int(values[p + "nonfinite"]),
+                    values[p + "all_min"], ndim,
+                )
+            )
+        input_max = max((values[f"{_PREFIX}in/{lb}/all_max_abs"] for lb in self._meta
+                         if f"{_PREFIX}in/{lb}/all_max_abs" in values), default=None)
+        measured = self._step if self._step >= 0 else step
+        self._meta = {}
+        self._step = -1
+        DD.diagnose_inputs(run.findings, measured, inputs, self.normalized_by)
+        target = self._target
+        self._target = None
+        if target is None or f"{_PREFIX}target/median_abs" not in values:
+            return
+        label, display, why = target
+        t = DD.TargetScale(
+            display, values[f"{_PREFIX}target/median_abs"], values[f"{_PREFIX}target/rms"],
+            values[f"{_PREFIX}target/mean"], values[f"{_PREFIX}target/std"], values[f"{_PREFIX}target/max_abs"], why,
+        )
+        grad = next((v for s, n, v in run.flushed_series if n == TOTAL_KEY and s == measured), None)
+        DD.diagnose_labels(run.findings, measured, t, values.get(f"{_PREFIX}loss"), grad, input_max)
+
+
+_VECTOR_STATS = ("idx", "max_abs", "mean", "std", "min", "max", "near_zero")
+
+
+class _GradientSpikes(_Monitor):
+    """Intermittent spikes of the total gradient norm, and info-level clipping/warm-up hints.
+
+    Reads the per-step ``normcheck/grad_norm/total`` values of each flush (queued every optimizer step by
+    the gradient monitor; host floats) and keeps a bounded running-median window, saved with checkpoints.
+    The batch of each step is remembered from ``on_train_batch_start`` (host ints, no sync).
+    """
+
+    name = "gradient_spikes"
+
+    def __init__(self, factor: float = DD.SPIKE_FACTOR) -> None:
+        self.factor = factor
+        self.history = DD.SpikeHistory()
+        self._batches: OrderedDict[int, tuple[int, int, int]] = OrderedDict()  # step -> (epoch, first, last)
+        self._recent: list[float] = []  # totals of the last steps, for the clipping hint
+        self.clip_val: float | None = None
+        self.clip_algorithm = "norm"
+
+    def setup(self, run: _Run) -> None:
+        trainer = run.trainer
+        self.clip_val = float(trainer.gradient_clip_val) if trainer.gradient_clip_val else None
+        self.clip_algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm")
+        self._batches = OrderedDict()
+
+    def on_train_batch_start(self, run: _Run, batch: Any, batch_idx: int) -> None:
+        step = run.step
+        epoch = int(run.trainer.current_epoch)
+        old = self._batches.get(step)
+        self._batches[step] = (epoch, old[1], batch_idx) if old and old[0] == epoch else (epoch, batch_idx, batch_idx)
+        while len(self._batches) > MAX_BATCH_MAP:
+            self._batches.popitem(last=False)
+
+    def _batch_of(self, step: int) -> str:
+        b = self._batches.get(step)
+        if b is None:
+            return ""
+        epoch, first, last = b
+        return f"epoch {epoch}, batch {first}" if first == last else f"epoch {epoch}, batches {first}-{last}"
+
+    def _clipping(self, run: _Run) -> str | None:
+        if self.clip_val is None:
+            return None
+        return f"gradient_clip_val={self.clip_val:g}, gradient_clip_algorithm={self.clip_algorithm!r}"
+
+    def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
+        totals = [(s, v) for s, n, v in run.flushed_series if n == TOTAL_KEY]
+        if totals:
+            DD.diagnose_spikes(run.findings, self.history, totals, self._batch_of, self._clipping(run), self.factor)
+            self._recent = (self._recent + [v for _, v in totals])[-DD.SPIKE_WINDOW :]
+            if self.clip_algorithm == "norm":
+                DD.diagnose_clipping_hygiene(run.findings, step, self._recent, self.clip_val)
+        self._warmup_hint(run, values, step)
+        for s in [s for s in self._batches if s < self.history.last_step - DD.SPIKE_FALLBACK_STEPS - 1]:
+            del self._batches[s]  # pending spikes already carry their batch description
+
+    def _warmup_hint(self, run: _Run, values: dict[str, float], step: int) -> None:
+        if step >= DD.EARLY_STEPS:
+            return
+        ratios = {k[len("normcheck/update_ratio/") :]: v for k, v in values.items()
+                  if k.startswith("normcheck/update_ratio/")}
+        if not ratios or not run.trainer.optimizers:
+            return
+        opt = run.trainer.optimizers[0]
+        group = opt.param_groups[0]
+        lr = float(group.get("lr", 0.0))
+        base = float(group.get("initial_lr", lr))
+        warming_up = lr < 0.99 * base
+        DD.diagnose_warmup(run.findings, step, type(opt).__name__, lr, warming_up, ratios)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "history": self.history.state_dict(), "recent": list(self._recent)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history.load_state_dict(state.get("history", {}))
+        self._recent = [float(v) for v in state.get("recent", [])]
+
+
+def _make_batch_scale(owner: str) -> _BatchScale:
+    return _BatchScale()
+
+
+def _make_spikes(owner: str, spike_factor: float = DD.SPIKE_FACTOR) -> _GradientSpikes:
+    _check_float(owner, "spike_factor", spike_factor, low=1.0)
+    return _GradientSpikes(float(spike_factor))
+
+
+__all__ = ["INPUT_KEY", "TARGET_KEY", "_BatchScale", "_GradientSpikes"]
