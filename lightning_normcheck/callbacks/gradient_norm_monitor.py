@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from lightning_normcheck import diagnosis as D
 from lightning_normcheck import norms as N
+from lightning_normcheck.callbacks import _signals
 from lightning_normcheck.callbacks._base import (
     _check_bool,
     _check_float,
@@ -112,6 +113,7 @@ class GradientNormMonitor(_NormCheckBase):
     ) -> None:
         super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
         self._monitors = [_make_monitor(type(self).__name__, norm_type=norm_type, per_parameter=per_parameter)]
+        self._monitors.append(_signals._make_spikes(type(self).__name__))  # gradient_spikes, hygiene hints
 
 
 def _make_monitor(owner: str, norm_type: float, per_parameter: bool) -> _GradientNorms:

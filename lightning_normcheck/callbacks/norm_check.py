@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from lightning_normcheck.callbacks import (
+    _signals,
     activation_norm_monitor,
     clip_rate_tracker,
     gradient_norm_monitor,
@@ -32,6 +33,10 @@ class NormCheck(_NormCheckBase):
         weights: enable the weight-drift monitor.
         clipping: enable the clipping-rate tracker (active when a clip threshold is known).
         bugs: enable the training-bug detector.
+        data: enable the batch-scale checks: float inputs of extreme magnitude (``input_scale``) and
+            regression targets whose scale drives the loss (``label_scale``), on sampled steps.
+        spike_factor: a total gradient norm above this multiple of its running median, falling back
+            right after, is a ``gradient_spikes`` spike (needs ``gradients``).
         norm_type: p of the gradient p-norm.
         per_parameter: also log one gradient-norm key per parameter.
         include_types: activation monitor: only hook modules of these class names.
@@ -74,6 +79,8 @@ class NormCheck(_NormCheckBase):
         weights: bool = True,
         clipping: bool = True,
         bugs: bool = True,
+        data: bool = True,
+        spike_factor: float = 10.0,
         norm_type: float = 2.0,
         per_parameter: bool = False,
         include_types: list[str] | None = None,
@@ -97,10 +104,14 @@ class NormCheck(_NormCheckBase):
             ("weights", weights),
             ("clipping", clipping),
             ("bugs", bugs),
+            ("data", data),
         ):
             _check_bool(owner, arg, val)
         # every part validates its own arguments (even when switched off), naming NormCheck's argument
         parts: list[tuple[bool, _Monitor]] = [
+            # data causes first: their findings exist before the gradient diagnosis runs at the same flush
+            (data, _signals._make_batch_scale(owner)),
+            (gradients, _signals._make_spikes(owner, spike_factor=spike_factor)),
             (gradients, gradient_norm_monitor._make_monitor(owner, norm_type=norm_type, per_parameter=per_parameter)),
             (
                 activations,
