@@ -11,6 +11,7 @@ warning; the user's training goes on.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import sys
@@ -273,6 +274,23 @@ class _NormCheckBase(Callback):
 
     STATE_VERSION = 1
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> _NormCheckBase:
+        self = super().__new__(cls)
+        # the arguments given (not the defaults) make the checkpoint key: two differently configured
+        # instances in one Trainer do not collide, and the same configuration finds its state on resume
+        try:
+            bound = inspect.signature(cls.__init__).bind_partial(None, *args, **kwargs).arguments
+            self._init_args = {k: v for i, (k, v) in enumerate(bound.items()) if i > 0}
+        except TypeError:  # wrong arguments: __init__ raises the proper error
+            self._init_args = {}
+        return self
+
+    @property
+    def state_key(self) -> str:
+        """``NormCheck{...}``: the class name and the arguments given, so that instances do not collide."""
+        args = getattr(self, "_init_args", {})
+        return self._generate_state_key(**{k: args[k] for k in sorted(args)})
+
     def __init__(self, log_every_n_steps: int | None = None, print_summary: bool = True) -> None:
         owner = type(self).__name__
         _check_int(owner, "log_every_n_steps", log_every_n_steps, 1, allow_none=True)
@@ -282,6 +300,7 @@ class _NormCheckBase(Callback):
         self._findings = FindingLog()
         self._monitors: list[_Monitor] = []
         self._disabled: set[str] = set()
+        self._removal_pending: list[_Monitor] = []
         self._run: _Run | None = None
         self._pending_state: dict[str, Any] | None = None
         self._new_findings: list[Finding] = []
@@ -306,7 +325,7 @@ class _NormCheckBase(Callback):
     def _active(self) -> list[_Monitor]:
         return [m for m in self._monitors if m.name not in self._disabled]
 
-    def _disable(self, monitor: _Monitor, error: BaseException) -> None:
+    def _disable(self, monitor: _Monitor, error: BaseException, inside_hook: bool = False) -> None:
         if monitor.name in self._disabled:
             return
         self._disabled.add(monitor.name)
@@ -315,12 +334,42 @@ class _NormCheckBase(Callback):
             " switched off for the rest of this fit; training goes on unchanged.",
             category=RuntimeWarning,
         )
+        if inside_hook:
+            # torch may be iterating over the dict that holds this hook (optimizer step hooks iterate it
+            # live): removing now would raise "mutated during iteration" in the user's step. The wrapper
+            # is already a no-op; the handles go at the next Lightning hook.
+            self._removal_pending.append(monitor)
+            return
+        self._remove_monitor_hooks(monitor)
+
+    @staticmethod
+    def _remove_monitor_hooks(monitor: _Monitor) -> None:
         try:
             monitor.remove_hooks()
         except Exception:  # noqa: BLE001 - best effort while already failing
             pass
 
+    def _drain_removals(self) -> None:
+        while self._removal_pending:
+            self._remove_monitor_hooks(self._removal_pending.pop())
+
+    def _safely(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run a piece of the shared plumbing; if it fails, switch every monitor off (one warning)."""
+        try:
+            fn(*args)
+        except Exception as err:  # noqa: BLE001 - a monitor must never break training
+            if len(self._disabled) < len(self._monitors):
+                rank_zero_warn(
+                    f"lightning_normcheck: {type(self).__name__} failed ({type(err).__name__}: {err}) and is"
+                    " switched off for the rest of this fit; training goes on unchanged.",
+                    category=RuntimeWarning,
+                )
+            self._disabled.update(m.name for m in self._monitors)
+            self._teardown_hooks()
+
     def _call(self, method: str, *args: Any) -> None:
+        if self._removal_pending:
+            self._drain_removals()
         run = self._run
         if run is None:
             return
@@ -339,7 +388,8 @@ class _NormCheckBase(Callback):
             try:
                 return fn(*args, **kwargs)
             except Exception as err:  # noqa: BLE001
-                self._disable(monitor, err)
+                # module hooks run from a copy of the hook dict: safe to remove them at once
+                self._disable(monitor, err, inside_hook=not (args and isinstance(args[0], torch.nn.Module)))
                 return None
 
         return wrapped
@@ -384,6 +434,10 @@ class _NormCheckBase(Callback):
             return
         self._teardown_hooks()
         self._disabled = set()
+        self._run = None
+        self._safely(self._start_run, trainer, pl_module)
+
+    def _start_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run = _Run(self, trainer, pl_module)
         self._call("setup")
         if self._pending_state is not None:
@@ -423,12 +477,16 @@ class _NormCheckBase(Callback):
         self._call("on_train_batch_end", outputs, batch, batch_idx)
         if run.flush_due:
             run.flush_due = False
-            self._flush(run.flush_step)
+            self._safely(self._flush, run.flush_step)
+        # the optimizer is done with these gradients: holding them would keep a copy alive past zero_grad
+        run._grad_cache = {}
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run = self._run
         if run is not None and (run.metrics or run.series):
-            self._flush(max(0, run.step - 1))
+            self._safely(self._flush, max(0, run.step - 1))
+        if run is not None:
+            run._grad_cache = {}
         self._teardown_hooks()
         if self.print_summary and trainer.is_global_zero:
             print(self.summary(), file=sys.stdout, flush=True)
@@ -441,9 +499,14 @@ class _NormCheckBase(Callback):
             self._flush(run.step)
         except Exception:  # noqa: BLE001 - never mask the user's exception
             pass
-        self._call("on_exception", exception)
-        self._publish_new_findings(run.step)
-        self._teardown_hooks()
+        try:  # never mask the user's exception, and always take the hooks off
+            self._call("on_exception", exception)
+            self._publish_new_findings(run.step)
+        except Exception:  # noqa: BLE001
+            pass
+        finally:
+            run._grad_cache = {}
+            self._teardown_hooks()
         if self.print_summary and trainer.is_global_zero and self.findings:
             print(self.summary(), file=sys.stderr, flush=True)
 
@@ -451,6 +514,7 @@ class _NormCheckBase(Callback):
         self._teardown_hooks()
 
     def _teardown_hooks(self) -> None:
+        self._removal_pending = []
         for m in self._monitors:
             try:
                 m.remove_hooks()

@@ -1,0 +1,587 @@
+"""A monitor must never be the reason a training run fails or changes (issue 9).
+
+Every test trains a real tiny Lightning model on CPU. "Identical" always means ``torch.equal`` on every
+parameter and buffer of a run with NormCheck against the same run (same seed) without it.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from helpers import LitModel, classification_data, fit, loader, mlp, regression_data, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+import lightning_normcheck.norms as N
+from lightning_normcheck import NormCheck
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # tiny models on a shared 2-core machine: torch's intra-op threads only contend (measured 60x slower)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+
+class MemLogger(Logger):
+    """Keeps every ``log_metrics`` call in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "mem"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((int(step or 0), dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def keys(self) -> set[str]:
+        return {k for _, row in self.rows for k in row}
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), f"{k} differs with NormCheck attached"
+
+
+def leftover_hooks(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[str]:
+    """Every module, tensor, optimizer and global hook still registered."""
+    left = []
+    for name, m in model.named_modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            if getattr(m, attr, None):
+                left.append(f"{name or '<root>'}.{attr}")
+    for name, p in model.named_parameters():
+        if getattr(p, "_backward_hooks", None):
+            left.append(f"{name}._backward_hooks")
+        if getattr(p, "_post_accumulate_grad_hooks", None):
+            left.append(f"{name}._post_accumulate_grad_hooks")
+    for i, opt in enumerate(optimizers):
+        for attr in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
+            if getattr(opt, attr, None):
+                left.append(f"optimizer{i}.{attr}")
+    import torch.nn.modules.module as mm
+    import torch.optim.optimizer as oo
+
+    for attr in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
+        if getattr(mm, attr, None):
+            left.append(f"global {attr}")
+    for attr in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks"):
+        if getattr(oo, attr, None):
+            left.append(f"global {attr}")
+    return left
+
+
+def failed_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if "monitor failed" in str(w.message)]
+
+
+def run_pair(make_model: Any, data: Any, max_steps: int = 12, cb: NormCheck | None = None, **kw: Any) -> tuple[
+    dict[str, torch.Tensor], dict[str, torch.Tensor], NormCheck, list[str], L.LightningModule
+]:
+    """Train the same model (same seed) without and with NormCheck; returns both states and the callback."""
+    L.seed_everything(0, verbose=False)
+    plain = make_model()
+    fit(plain, data() if callable(data) else data, [], max_steps=max_steps, **kw)
+    L.seed_everything(0, verbose=False)
+    watched = make_model()
+    cb = cb or NormCheck(print_summary=False)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        fit(watched, data() if callable(data) else data, [cb], max_steps=max_steps, **kw)
+    return state_of(plain), state_of(watched), cb, failed_warnings(rec), watched
+
+
+class DropBN(L.LightningModule):
+    """Dropout + BatchNorm (random masks, running buffers, an integer num_batches_tracked buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 32), nn.Tanh(),
+            nn.Dropout(0.2), nn.Linear(32, 4),
+        )
+        self.opt: torch.optim.Optimizer | None = None
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        self.opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+        return self.opt
+
+
+def cls_loader(shuffle: bool = True) -> DataLoader:
+    return loader(classification_data(128), batch_size=16, shuffle=shuffle)
+
+
+# ----------------------------------------------------------------------------------------------------
+# watching changes nothing
+
+
+def test_watching_changes_nothing_dropout_batchnorm() -> None:
+    plain, watched, cb, failed, _ = run_pair(DropBN, cls_loader, max_steps=25)
+    assert_identical(plain, watched)
+    assert failed == [] and cb.disabled_monitors == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# isolation
+
+
+def test_failing_forward_hook_is_switched_off_and_training_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen_hooks: list[int] = []
+
+    class Spy(DropBN):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            seen_hooks.append(sum(len(m._forward_hooks) for m in self.modules()))
+            return super().training_step(batch, batch_idx)
+
+    def boom(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("injected torch failure")
+
+    monkeypatch.setattr(N, "sum_of_squares", boom)
+    plain, watched, cb, failed, model = run_pair(Spy, cls_loader, max_steps=15)
+    assert_identical(plain, watched)
+    assert "activation_norm" in cb.disabled_monitors
+    assert len([w for w in failed if "activation_norm" in w]) == 1  # one warning, not one per step
+    assert "injected torch failure" in failed[0]
+    # the hooks of the failing monitor went away at once: every later training_step sees none
+    first = seen_hooks.index(max(seen_hooks))
+    assert max(seen_hooks) > 0 and all(n == 0 for n in seen_hooks[first + 1 :])
+    assert leftover_hooks(model, [model.opt]) == []
+    # the other monitors kept working
+    assert "gradient_norm" not in cb.disabled_monitors
+
+
+def test_failing_optimizer_hook_is_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    logger = MemLogger()
+
+    def boom(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("injected failure in a step post-hook")
+
+    monkeypatch.setattr(N, "sub_norms", boom)
+    plain, watched, cb, failed, model = run_pair(DropBN, cls_loader, max_steps=15, logger=logger)
+    assert_identical(plain, watched)
+    assert "weight_drift" in cb.disabled_monitors
+    assert len([w for w in failed if "weight_drift" in w]) == 1
+    assert leftover_hooks(model, [model.opt]) == []
+    steps = sorted({s for s, row in logger.rows if "normcheck/grad_norm/total" in row})
+    assert steps[-1] == 14  # the gradient monitor went on to the end
+
+
+def test_failing_diagnosis_is_switched_off() -> None:
+    cb = NormCheck(print_summary=False)
+    calls = []
+
+    def boom(*args: Any) -> None:
+        calls.append(1)
+        raise ZeroDivisionError("odd value in diagnosis")
+
+    for m in cb._monitors:
+        if m.name == "gradient_norm":
+            m.diagnose = boom  # type: ignore[method-assign]
+    plain, watched, cb, failed, model = run_pair(DropBN, cls_loader, max_steps=12, cb=cb)
+    assert_identical(plain, watched)
+    assert cb.disabled_monitors == ["gradient_norm"] and len(calls) == 1 and len(failed) == 1
+
+
+def test_odd_module_outputs_do_not_disable_anything() -> None:
+    class Odd(nn.Module):
+        def __init__(self, kind: str) -> None:
+            super().__init__()
+            self.kind = kind
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> Any:
+            y = self.lin(x)
+            return {
+                "none": None, "int": 3, "str": "x", "obj": object(), "long": y.long(), "bool": y > 0,
+                "empty": y[:0], "nested": [(None, {"a": y})],
+            }[self.kind]
+
+    class Model(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.odd = nn.ModuleList([Odd(k) for k in ("none", "int", "str", "obj", "long", "bool", "empty", "nested")])
+            self.head = nn.Linear(8, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            for m in self.odd:
+                m(x)
+            return nn.functional.mse_loss(self.head(self.odd[-1](x)[0][1]["a"]), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    plain, watched, cb, failed, _ = run_pair(Model, lambda: loader(regression_data(64)), max_steps=6)
+    assert_identical(plain, watched)
+    assert failed == [] and cb.disabled_monitors == []
+
+
+def test_user_exception_propagates_unchanged_and_hooks_are_removed() -> None:
+    err = ValueError("my own bug at batch 5")
+
+    class Raises(DropBN):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if batch_idx == 5:
+                assert any(m._forward_hooks for m in self.modules()) or True
+                raise err
+            return super().training_step(batch, batch_idx)
+
+    model = Raises()
+    cb = NormCheck(print_summary=False, log_every_n_steps=1)  # hooks live on every step
+    with pytest.raises(ValueError) as info:
+        fit(model, cls_loader(), [cb], max_steps=20)
+    assert info.value is err and str(info.value) == "my own bug at batch 5"
+    assert leftover_hooks(model, [model.opt]) == []
+    assert cb.disabled_monitors == []
+
+
+def test_user_exception_inside_forward_while_hooks_attached() -> None:
+    class Explode(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise KeyError("raised inside a hooked forward")
+
+    class Model(DropBN):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bad = Explode()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            if batch_idx == 2:
+                self.bad(batch[0])
+            return loss
+
+    model = Model()
+    cb = NormCheck(print_summary=False)
+    with pytest.raises(KeyError, match="raised inside a hooked forward"):
+        fit(model, cls_loader(), [cb], max_steps=20)
+    assert leftover_hooks(model, [model.opt]) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# hooks
+
+
+def test_hooks_removed_after_fit_and_fit_twice_works() -> None:
+    cb = NormCheck(print_summary=False)
+    logger1, logger2 = MemLogger(), MemLogger()
+    m1 = DropBN()
+    fit(m1, cls_loader(), [cb], max_steps=8, logger=logger1)
+    assert leftover_hooks(m1, [m1.opt]) == []
+    m2 = DropBN()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        fit(m2, cls_loader(), [cb], max_steps=12, logger=logger2)
+    assert failed_warnings(rec) == [] and cb.disabled_monitors == []
+    assert leftover_hooks(m2, [m2.opt]) == [] and leftover_hooks(m1, [m1.opt]) == []
+    # the second fit was measured in full: totals every step, activations on its own sampled steps
+    totals = sorted(s for s, row in logger2.rows if "normcheck/grad_norm/total" in row)
+    assert totals == list(range(12))
+    act_steps = {s for s, row in logger2.rows if any(k.startswith("normcheck/act_rms/") for k in row)}
+    assert {0, 1, 2, 3} <= act_steps
+    assert any(k.startswith("normcheck/weight_drift/") for k in logger2.keys())
+
+
+def test_validation_test_predict_are_not_measured() -> None:
+    hooks_in_eval: list[int] = []
+
+    class WithVal(DropBN):
+        def _count(self) -> None:
+            hooks_in_eval.append(sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.modules()))
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self._count()
+            self.net(batch[0] * 1e4)  # would be an alarming activation scale if it were measured
+
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            self._count()
+            self.net(batch[0] * 1e4)
+
+        def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            self._count()
+            return self.net(batch[0] * 1e4)
+
+    big = loader(classification_data(32), batch_size=16)
+    model = WithVal()
+    cb = NormCheck(print_summary=False, log_every_n_steps=1)
+    logger = MemLogger()
+    L.seed_everything(0, verbose=False)
+    t = trainer([cb], max_steps=12, logger=logger, val_check_interval=3, num_sanity_val_steps=2)
+    t.fit(model, cls_loader(), big)
+    t.validate(model, big, verbose=False)
+    t.test(model, big, verbose=False)
+    t.predict(model, big)
+    assert len(hooks_in_eval) > 8 and set(hooks_in_eval) == {0}
+    # every activation value logged is a training-time value (validation inputs are 1e4 larger)
+    act = [v for _, row in logger.rows for k, v in row.items() if k.startswith("normcheck/act_rms/")]
+    assert act and max(act) < 100.0
+    logged_steps = {s for s, row in logger.rows if any(k.startswith("normcheck/") for k in row)}
+    assert max(logged_steps) <= 11
+    assert cb.disabled_monitors == [] and leftover_hooks(model, [model.opt]) == []
+
+
+def test_two_normchecks_in_one_trainer_have_distinct_state_keys(tmp_path: Path) -> None:
+    a, b = NormCheck(print_summary=False), NormCheck(activations=False, print_summary=False)
+    assert a.state_key != b.state_key
+    assert NormCheck(print_summary=False).state_key == a.state_key  # stable: a resumed run finds its state
+    model = DropBN()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(model, cls_loader(), [a, b, ckpt], max_steps=4, enable_checkpointing=True)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
+    assert a.state_key in saved and b.state_key in saved
+
+
+# ----------------------------------------------------------------------------------------------------
+# resume
+
+
+class _NanGrad(torch.autograd.Function):
+    """Forward: 0. Backward: a NaN gradient. A parameter with a non-finite gradient, finite loss."""
+
+    @staticmethod
+    def forward(ctx: Any, p: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.shape = p.shape
+        return p.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.full(ctx.shape, float("nan"))
+
+
+class NanGradModel(LitModel):
+    def __init__(self) -> None:
+        super().__init__(mlp(depth=2))
+        self.odd = nn.Parameter(torch.ones(3))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) + _NanGrad.apply(self.odd)
+
+    def configure_optimizers(self) -> Any:
+        # `odd` is stepped with lr 0: it turns NaN, which its forward ignores; the rest trains normally
+        return torch.optim.SGD([{"params": self.net.parameters()}, {"params": [self.odd], "lr": 0.0}], lr=0.01)
+
+
+def test_resume_keeps_findings_histories_and_drift_reference(tmp_path: Path) -> None:
+    data = loader(regression_data(256), batch_size=16)
+    L.seed_everything(0, verbose=False)
+    model = NanGradModel()
+    start = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    cb1 = NormCheck(print_summary=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    with warnings.catch_warnings(record=True) as rec1:
+        warnings.simplefilter("always")
+        fit(model, data, [cb1, ckpt], max_steps=10, enable_checkpointing=True)
+    first = {(f.code, f.layer): f.step for f in cb1.findings}
+    assert "nonfinite_gradients" in {code for code, _ in first}
+    assert any("nonfinite_gradients" in str(w.message) for w in rec1)
+    hist1 = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"][cb1.state_key]["monitors"]
+
+    cb2 = NormCheck(print_summary=False)
+    logger = MemLogger()
+    model2 = NanGradModel()
+    with warnings.catch_warnings(record=True) as rec2:
+        warnings.simplefilter("always")
+        L.seed_everything(0, verbose=False)
+        t = trainer([cb2, ModelCheckpoint(dirpath=tmp_path / "2")], max_steps=20, logger=logger,
+                    enable_checkpointing=True)
+        t.fit(model2, data, ckpt_path=str(tmp_path / "last.ckpt"))
+    # old findings kept (same first step), not announced again
+    second = {(f.code, f.layer): f.step for f in cb2.findings}
+    for key, step in first.items():
+        assert second[key] == step
+    assert not any("nonfinite_gradients" in str(w.message) for w in rec2)
+    # the histories (windows, baselines) were restored: each resumed history starts with the saved one
+    n_checked = grew = 0
+    for m in cb2._monitors:
+        saved = hist1[m.name].get("history", {})
+        now = m.state_dict().get("history", {})
+        for key, entries in saved.items():
+            if not isinstance(entries, list):
+                continue
+            assert repr([tuple(x) for x in now[key]][: len(entries)]) == repr([tuple(x) for x in entries])
+            n_checked += 1
+            grew += len(now[key]) > len(entries)  # and went on from there
+    assert n_checked >= 1 and grew >= 1
+    # the drift reference is the weights of the very first start, checked from the logged numbers
+    drift = {s: row for s, row in logger.rows if any(k.startswith("normcheck/weight_drift/") for k in row)}
+    step = max(drift)
+    assert step == 19  # the end-of-fit flush: the weights now are the weights it measured
+    w_now = {n: p.detach() for n, p in model2.net.named_parameters()}
+    resumed = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    for layer in ("0", "2", "4"):
+        names = [n for n in start if n.rsplit(".", 1)[0] == layer]
+        den = sum(start[n].pow(2).sum() for n in names).sqrt()
+        expected = sum((w_now[n] - start[n]).pow(2).sum() for n in names).sqrt() / den
+        logged = drift[step][f"normcheck/weight_drift/net.{layer}"]
+        assert logged == pytest.approx(expected.item(), rel=1e-4)
+        # not measured from the resumed weights
+        re_den = sum(resumed[f"net.{n}"].pow(2).sum() for n in names).sqrt()
+        from_resume = sum((w_now[n] - resumed[f"net.{n}"]).pow(2).sum() for n in names).sqrt() / re_den
+        assert abs(logged - from_resume.item()) > 1e-3 * logged
+
+
+# ----------------------------------------------------------------------------------------------------
+# memory
+
+
+def _tensors_in(obj: Any, seen: set[int] | None = None, depth: int = 0) -> Iterator[torch.Tensor]:
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 8:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v, seen, depth + 1)
+    elif isinstance(obj, (list, tuple, set)) or type(obj).__name__ == "deque":
+        for v in obj:
+            yield from _tensors_in(v, seen, depth + 1)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("lightning_normcheck"):
+        yield from _tensors_in(vars(obj), seen, depth + 1)
+    elif hasattr(obj, "__slots__") and type(obj).__module__.startswith("lightning_normcheck"):
+        for s in obj.__slots__:
+            yield from _tensors_in(getattr(obj, s, None), seen, depth + 1)
+
+
+def test_no_graph_or_growing_state_is_kept() -> None:
+    cb = NormCheck(print_summary=False, log_every_n_steps=5)
+    model = DropBN()
+    sizes: list[int] = []
+    checked: list[int] = []
+
+    class Probe(L.Callback):
+        grads: list[weakref.ref] = []
+
+        def on_before_backward(self, trainer: L.Trainer, *args: Any) -> None:
+            # zero_grad(set_to_none) has run: nothing may keep the previous step's gradients alive
+            assert all(r() is None for r in self.grads), "the last step's gradients are kept alive"
+            checked.append(len(self.grads))
+
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            self.grads = [weakref.ref(p.grad) for p in trainer.lightning_module.parameters() if p.grad is not None]
+            if trainer.global_step in (20, 60, 100):
+                held = list(_tensors_in([m for m in cb._monitors] + [cb._run]))
+                assert not [t for t in held if t.grad_fn is not None], "a kept tensor holds an autograd graph"
+                params = {id(p) for p in trainer.lightning_module.parameters()}
+                grads = {id(p.grad) for p in trainer.lightning_module.parameters() if p.grad is not None}
+                sizes.append(sum(t.numel() for t in held if id(t) not in params and id(t) not in grads))
+
+    fit(model, loader(classification_data(512), batch_size=4), [cb, Probe()], max_steps=101)
+    assert len(sizes) == 3 and len(checked) == 101 and min(checked[1:]) > 0
+    assert sizes[2] <= sizes[0] * 1.05 + 64, f"monitor state grows with steps: {sizes}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# works with
+
+
+class ManualTwoOpt(L.LightningModule):
+    """Manual optimization, two optimizers, two schedulers (a GAN-shaped loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.g = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.d = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, _ = batch
+        opt_g, opt_d = self.optimizers()  # type: ignore[misc]
+        loss_d = (self.d(x) - 1).pow(2).mean() + self.d(self.g(x).detach()).pow(2).mean()
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+        loss_g = (self.d(self.g(x)) - 1).pow(2).mean()
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+        for s in self.lr_schedulers():  # type: ignore[union-attr]
+            s.step()
+
+    def configure_optimizers(self) -> Any:
+        og = torch.optim.Adam(self.g.parameters(), lr=1e-3)
+        od = torch.optim.SGD(self.d.parameters(), lr=1e-2, momentum=0.9)
+        return [og, od], [torch.optim.lr_scheduler.StepLR(og, 3), torch.optim.lr_scheduler.StepLR(od, 3)]
+
+
+class LBFGSModel(LitModel):
+    def __init__(self) -> None:
+        super().__init__(mlp(depth=2))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
+
+
+class Scheduled(DropBN):
+    def configure_optimizers(self) -> Any:
+        self.opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=0.1, total_steps=100)
+        return {"optimizer": self.opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class Stream(IterableDataset):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(1)
+        for _ in range(64):
+            x = torch.randn(8, generator=g)
+            yield x, (x.sum() > 0).long()
+
+
+@pytest.mark.parametrize(
+    "name, make, data, kw",
+    [
+        ("manual_two_optimizers", ManualTwoOpt, lambda: loader(regression_data(64)), {}),
+        ("lbfgs_closure", LBFGSModel, lambda: loader(regression_data(64)), {}),
+        ("fast_dev_run", DropBN, cls_loader, {"fast_dev_run": True}),
+        ("max_steps_1", DropBN, cls_loader, {"max_steps": 1}),
+        ("limit_train_batches", DropBN, cls_loader, {"limit_train_batches": 3, "max_steps": -1, "max_epochs": 3}),
+        ("iterable_dataset", DropBN, lambda: DataLoader(Stream(), batch_size=8), {}),
+        ("accumulate_grad_batches", DropBN, cls_loader, {"accumulate_grad_batches": 3}),
+        ("step_lr_scheduler", Scheduled, cls_loader, {}),
+        ("gradient_clipping", DropBN, cls_loader, {"gradient_clip_val": 0.5}),
+    ],
+)
+def test_works_with(name: str, make: Any, data: Any, kw: dict[str, Any]) -> None:
+    kw = dict(kw)
+    max_steps = kw.pop("max_steps", 10)
+    plain, watched, cb, failed, model = run_pair(make, data, max_steps=max_steps, **kw)
+    assert_identical(plain, watched)
+    assert failed == [] and cb.disabled_monitors == [], failed
+    opts = [o for o in (getattr(model, "opt", None),) if o is not None]
+    assert leftover_hooks(model, opts) == []
