@@ -1,0 +1,71 @@
+"""Run the whole scenario suite (planted pathologies and healthy runs) and print recall and false alarms.
+
+Usage::
+
+    python benchmarks/scenario_report.py            # every scenario
+    python benchmarks/scenario_report.py dead_relu  # only scenarios whose name contains "dead_relu"
+    python benchmarks/scenario_report.py -v         # also print each finding's message
+
+Recall counts a planted scenario as found when every expected code is reported as a warning or error
+(and, where the catalog names it, on the expected layer). A false alarm is any warning or error on a
+healthy run, whatever its code (codes of the other monitors included).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+warnings.filterwarnings("ignore")
+
+from scenarios import ALL, run_scenario  # noqa: E402  (imports lightning, which sets its loggers up)
+
+for _name in ("lightning.pytorch", "lightning.fabric", "lightning_normcheck"):
+    logging.getLogger(_name).setLevel(logging.CRITICAL)
+
+
+def main(argv: list[str]) -> int:
+    verbose = "-v" in argv
+    pattern = [a for a in argv if not a.startswith("-")]
+    chosen = [s for s in ALL if not pattern or any(p in s.name for p in pattern)]
+    found = planted = false_runs = healthy = 0
+    total_time = 0.0
+    print(f"{'scenario':<30} {'kind':<8} {'time':>6}  result")
+    for sc in chosen:
+        res = run_scenario(sc)
+        total_time += res.seconds
+        bad = [f for f in res.findings if f.severity in ("warning", "error")]
+        got = sorted({f.code for f in bad})
+        if sc.planted:
+            planted += 1
+            ok = all(c in got for c in sc.expect)
+            if ok and sc.layer is not None:
+                ok = any(f.code == sc.expect[0] and f.layer == sc.layer for f in bad)
+            found += ok
+            status = "FOUND" if ok else "MISSED"
+            detail = f"expected {list(sc.expect)}{' @' + sc.layer if sc.layer else ''}, got {got}"
+        else:
+            healthy += 1
+            false_runs += bool(bad)
+            status = "FALSE ALARM" if bad else "silent"
+            detail = f"got {got}" if bad else ""
+        if res.exception is not None:
+            detail += f" (raised {type(res.exception).__name__})"
+        print(f"{sc.name:<30} {'planted' if sc.planted else 'healthy':<8} {res.seconds:>5.1f}s  {status} {detail}")
+        if verbose or (sc.planted and status == "MISSED") or (not sc.planted and bad):
+            for f in res.findings:
+                print(f"    {f}")
+    print()
+    if planted:
+        print(f"recall: {found}/{planted} planted pathologies found with the right code ({found / planted:.0%})")
+    if healthy:
+        print(f"false alarms: {false_runs}/{healthy} healthy runs with a warning or error")
+    print(f"total training time: {total_time:.1f}s")
+    return 0 if found == planted and false_runs == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,447 @@
+"""A catalog of small real Lightning training runs on CPU: planted norm pathologies and healthy look-alikes.
+
+Each :class:`Scenario` builds a model, a loader and Trainer arguments; :func:`run_scenario` trains it with
+``NormCheck()`` (defaults, ``log_every_n_steps=50`` so only the dense early sampling can catch problems
+within the first 20 steps) and returns the findings. ``tests/test_scenarios.py`` runs the fast ones;
+``benchmarks/scenario_report.py`` runs them all and prints recall and false alarms.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import LitModel, classification_data, loader, mlp, regression_data
+
+PATHOLOGY_CODES = (
+    "exploding_activations",
+    "vanishing_activations",
+    "exploding_gradients",
+    "vanishing_gradients",
+    "nonfinite_loss",
+    "nonfinite_gradients",
+    "dead_units",
+    "saturated_activations",
+    "high_clip_rate",
+    "weight_norm_growth",
+)
+
+
+@dataclass
+class Scenario:
+    """One run: ``expect`` lists the codes that must be found (each as a warning or error); empty: healthy."""
+
+    name: str
+    build: Callable[[], tuple[L.LightningModule, DataLoader, dict[str, Any]]]
+    expect: tuple[str, ...] = ()
+    max_steps: int = 20
+    raises: bool = False  # training is expected to raise (findings must still be there)
+    fast: bool = True  # part of the default (CI) test run
+    layer: str | None = None  # the layer the first expected finding must name, when known
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def planted(self) -> bool:
+        return bool(self.expect)
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    findings: list[Any]
+    seconds: float
+    exception: BaseException | None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building blocks
+# ---------------------------------------------------------------------------------------------------------
+def init_mlp(
+    depth: int,
+    width: int = 32,
+    act: type[nn.Module] | None = nn.ReLU,
+    gain: float | None = None,
+    d_in: int = 8,
+    d_out: int = 1,
+    scheme: str | None = None,
+) -> nn.Sequential:
+    """An MLP whose hidden Linear layers get ``std = gain / sqrt(fan_in)`` (or a named scheme) and zero bias."""
+    layers: list[nn.Module] = []
+    d = d_in
+    for _ in range(depth):
+        lin = nn.Linear(d, width)
+        if scheme == "kaiming":
+            nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+        elif scheme == "xavier":
+            nn.init.xavier_normal_(lin.weight)
+        elif scheme == "lecun":
+            nn.init.normal_(lin.weight, std=1.0 / math.sqrt(d))
+        elif gain is not None:
+            nn.init.normal_(lin.weight, std=gain / math.sqrt(d))
+        if scheme is not None or gain is not None:
+            nn.init.zeros_(lin.bias)
+        layers.append(lin)
+        if act is not None:
+            layers.append(act())
+        d = width
+    layers.append(nn.Linear(d, d_out))
+    return nn.Sequential(*layers)
+
+
+def reg(n: int = 512, batch: int = 32, d: int = 8, seed: int = 0) -> DataLoader:
+    return loader(regression_data(n=n, d=d, seed=seed), batch_size=batch, shuffle=True)
+
+
+def cls(n: int = 512, batch: int = 32, d: int = 8, classes: int = 4) -> DataLoader:
+    return loader(classification_data(n=n, d=d, classes=classes), batch_size=batch, shuffle=True)
+
+
+def _ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, y)
+
+
+class Blowup(nn.Module):
+    """Multiplies by a huge factor from a given step on (a planted float32 overflow)."""
+
+    def __init__(self, factor: float = 1e30) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+class LogLoss(LitModel):
+    """A loss that takes the log of the raw prediction (NaN as soon as it is negative)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return (torch.log(self(x)) - y).pow(2).mean()
+
+
+class SqrtLoss(LitModel):
+    """MSE plus a sqrt of an exact 0: the loss is finite, its gradient is NaN."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        return nn.functional.mse_loss(out, y) + torch.sqrt((out * 0.0).pow(2).sum())
+
+
+class CheckedLogLoss(LogLoss):
+    """Like LogLoss but the user's own check raises on a non-finite loss."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if not torch.isfinite(loss):
+            raise ValueError(f"loss is {loss.item()}")
+        return loss
+
+
+class GroupLR(LitModel):
+    """Adam with one layer on its own (far too high) learning rate."""
+
+    def __init__(self, net: nn.Module, hot: str, hot_lr: float, lr: float = 1e-3) -> None:
+        super().__init__(net, lr=lr, optimizer="adam")
+        self.hot = hot
+        self.hot_lr = hot_lr
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hot = [p for n, p in self.net.named_parameters() if n.startswith(self.hot + ".")]
+        rest = [p for n, p in self.net.named_parameters() if not n.startswith(self.hot + ".")]
+        return torch.optim.Adam([{"params": rest}, {"params": hot, "lr": self.hot_lr}], lr=self.lr)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, bn: bool = True, channels: int = 16, bias: float | None = None, classes: int = 4) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 1
+        for _ in range(3):
+            conv = nn.Conv2d(c, channels, 3, padding=1, bias=not bn)
+            if bias is not None and conv.bias is not None:
+                nn.init.constant_(conv.bias, bias)
+            layers += [conv] + ([nn.BatchNorm2d(channels)] if bn else []) + [nn.ReLU()]
+            c = channels
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def images(n: int = 256, batch: int = 32, classes: int = 4) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = (x.mean((1, 2, 3)) * 4 + x[:, 0, 0, 0]).mul(1.5).round().clamp(-1, 2).long() + 1
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True)
+
+
+class PreNormBlock(nn.Module):
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, d: int = 32, blocks: int = 2, vocab: int = 50) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.Sequential(*[PreNormBlock(d) for _ in range(blocks)])
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln(self.blocks(self.emb(x))))
+
+
+class LMModel(LitModel):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def tokens(n: int = 256, seq: int = 12, vocab: int = 50, batch: int = 16) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (n, seq), generator=g)
+    y = (x * 7 + 3) % vocab  # a learnable per-token map
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True)
+
+
+class ResidualLN(nn.Module):
+    def __init__(self, d_in: int = 8, d: int = 32, blocks: int = 6) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d)) for _ in range(blocks)
+        )
+        self.out = nn.Linear(d, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.out(h)
+
+
+class SeqModel(L.LightningModule):
+    """RNN/LSTM regression on sequences; ``carry`` keeps the hidden state across batches, detached (TBPTT)."""
+
+    def __init__(self, kind: str = "lstm", hidden: int = 32, post_norm: bool = False, carry: bool = False) -> None:
+        super().__init__()
+        rnn_cls = nn.LSTM if kind == "lstm" else nn.RNN
+        self.rnn = rnn_cls(4, hidden, batch_first=True)
+        self.norm = nn.LayerNorm(hidden) if post_norm else nn.Identity()
+        self.head = nn.Linear(hidden, 1)
+        self.carry = carry
+        self.state: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.state if self.carry else None
+        out, state = self.rnn(x, state)
+        if self.carry:
+            self.state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+        return self.head(self.norm(out))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def sequences(n: int = 256, seq: int = 20, batch: int = 16) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, seq, 4, generator=g)
+    y = x[..., :1].cumsum(1) / math.sqrt(seq)
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False, drop_last=True)
+
+
+class BagModel(nn.Module):
+    def __init__(self, vocab: int = 100, d: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.EmbeddingBag(vocab, d, mode="mean")
+        self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.emb(x))
+
+
+def bags(n: int = 256, batch: int = 32) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 100, (n, 6), generator=g)
+    y = (x[:, 0] % 4).long()
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True)
+
+
+def frozen_mlp() -> LitModel:
+    net = init_mlp(4, scheme="kaiming")
+    for p in list(net.parameters())[:4]:
+        p.requires_grad_(False)
+    return LitModel(net, lr=1e-3, optimizer="adam")
+
+
+def dead_bias_mlp() -> LitModel:
+    net = init_mlp(3, scheme="kaiming")
+    nn.init.constant_(net[2].bias, -6.0)
+    return LitModel(net, lr=1e-3, optimizer="adam")
+
+
+def sigmoid_bias_mlp() -> LitModel:
+    net = init_mlp(3, act=nn.Sigmoid, scheme="xavier")
+    nn.init.constant_(net[2].bias, 8.0)
+    return LitModel(net, lr=1e-3, optimizer="adam")
+
+
+def blowup_mlp() -> LitModel:
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), Blowup(1e12), nn.ReLU(), Blowup(1e30),
+                        nn.Linear(32, 1))
+    return LitModel(net, lr=1e-3, optimizer="adam")
+
+
+def sigmoid_head() -> LitModel:
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1), nn.Sigmoid())
+
+    def bce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy(out, (y > 0).float())
+
+    return LitModel(net, loss=bce, lr=3e-2, optimizer="adam")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the catalog
+# ---------------------------------------------------------------------------------------------------------
+def _lit(net: nn.Module, **kw: Any) -> LitModel:
+    return LitModel(net, **kw)
+
+
+PLANTED: list[Scenario] = [
+    Scenario("exploding_act_relu_init", lambda: (_lit(init_mlp(8, gain=3.0), lr=1e-4, optimizer="adam"), reg(), {}),
+             ("exploding_activations",), notes="ReLU MLP, std 3/sqrt(fan_in) (Kaiming is 1.41)"),
+    Scenario("vanishing_act_relu_init", lambda: (_lit(init_mlp(8, gain=0.3), lr=1e-3, optimizer="adam"), reg(), {}),
+             ("vanishing_activations",), notes="ReLU MLP, std 0.3/sqrt(fan_in), zero bias"),
+    Scenario("exploding_act_gelu_init", lambda: (_lit(init_mlp(8, act=nn.GELU, gain=3.0), lr=1e-4, optimizer="adam"),
+                                                 reg(), {}), ("exploding_activations",)),
+    Scenario("vanishing_act_selu_init", lambda: (_lit(init_mlp(8, act=nn.SELU, gain=0.2), lr=1e-3, optimizer="adam"),
+                                                 reg(), {}), ("vanishing_activations",)),
+    Scenario("exploding_act_linear_deep", lambda: (_lit(init_mlp(8, act=None, gain=2.5), lr=1e-5, optimizer="adam"),
+                                                   reg(), {}), ("exploding_activations",),
+             notes="deep stack without activations or normalization, std 2.5/sqrt(fan_in)"),
+    Scenario("vanishing_grads_sigmoid_deep", lambda: (_lit(init_mlp(12, act=nn.Sigmoid), lr=0.1), reg(), {}),
+             ("vanishing_gradients",), notes="12 sigmoid layers, PyTorch default init"),
+    Scenario("vanishing_grads_tanh_saturated", lambda: (_lit(init_mlp(12, act=nn.Tanh, gain=2.5), lr=0.01), reg(), {}),
+             ("vanishing_gradients",), notes="12 tanh layers, std 2.5/sqrt(fan_in): saturated units pass no gradient"),
+    Scenario("exploding_grads_lr", lambda: (_lit(mlp(width=32, depth=3), lr=0.35), reg(), {}),
+             ("exploding_gradients",), max_steps=30, notes="SGD with a learning rate past the stable limit"),
+    Scenario("nonfinite_loss_log", lambda: (LogLoss(mlp(), lr=1e-3), reg(), {}), ("nonfinite_loss",),
+             notes="log of a prediction that can be negative"),
+    Scenario("nonfinite_act_module", lambda: (blowup_mlp(), reg(), {}), ("nonfinite_loss",), layer="net.5",
+             notes="a module overflows float32: the first inf activation must be named"),
+    Scenario("nonfinite_grads_sqrt", lambda: (SqrtLoss(mlp(), lr=1e-3), reg(), {}), ("nonfinite_gradients",),
+             notes="sqrt(0) in the loss: finite loss, NaN gradient"),
+    Scenario("diverge_huge_lr", lambda: (_lit(mlp(width=32, depth=3), lr=50.0), reg(), {}), ("nonfinite_loss",),
+             notes="SGD lr=50: inf then NaN; only the first non-finite value is reported"),
+    Scenario("dead_relu_bias", lambda: (dead_bias_mlp(), reg(), {}), ("dead_units",), layer="net.3",
+             notes="bias -6 before a ReLU"),
+    Scenario("dead_relu_conv", lambda: (_lit(ConvNet(bn=False, bias=-6.0), loss=_ce, lr=1e-3, optimizer="adam"),
+                                        images(), {}), ("dead_units",), layer="net.features.1"),
+    Scenario("saturated_tanh_init", lambda: (_lit(init_mlp(4, act=nn.Tanh, gain=6.0), lr=1e-3, optimizer="adam"),
+                                             reg(), {}), ("saturated_activations",)),
+    Scenario("saturated_sigmoid_bias", lambda: (sigmoid_bias_mlp(), reg(), {}), ("saturated_activations",),
+             layer="net.3"),
+    Scenario("high_clip_rate", lambda: (_lit(mlp(), lr=0.05), reg(), {"gradient_clip_val": 1e-3}),
+             ("high_clip_rate",), max_steps=24),
+    Scenario("weight_norm_growth", lambda: (GroupLR(init_mlp(4, scheme="kaiming"), hot="4", hot_lr=0.3), reg(), {}),
+             ("weight_norm_growth",), layer="net.4", max_steps=24, notes="one layer on Adam lr 0.3"),
+    Scenario("nonfinite_raises", lambda: (CheckedLogLoss(mlp(), lr=1e-3), reg(), {}), ("nonfinite_loss",),
+             raises=True, notes="the user's own check raises on the NaN loss"),
+]
+
+HEALTHY: list[Scenario] = [
+    Scenario("kaiming_relu_deep", lambda: (_lit(init_mlp(8, scheme="kaiming"), lr=1e-2), reg(), {}), max_steps=30),
+    Scenario("kaiming_relu_deep_adam", lambda: (_lit(init_mlp(10, width=64, scheme="kaiming"), lr=1e-3,
+                                                     optimizer="adam"), reg(), {}), max_steps=30),
+    Scenario("default_mlp_adam", lambda: (_lit(mlp(), lr=1e-2, optimizer="adam"), reg(), {}), max_steps=30),
+    Scenario("prenorm_transformer", lambda: (LMModel(TinyTransformer(), lr=3e-3, optimizer="adam"), tokens(), {}),
+             max_steps=30),
+    Scenario("residual_layernorm_mlp", lambda: (_lit(ResidualLN(), lr=3e-3, optimizer="adam"), reg(), {}),
+             max_steps=30),
+    Scenario("cnn_batchnorm", lambda: (_lit(ConvNet(bn=True), loss=_ce, lr=3e-3, optimizer="adam"), images(), {}),
+             max_steps=30),
+    Scenario("lstm_tbptt", lambda: (SeqModel("lstm", carry=True), sequences(), {}), max_steps=30),
+    Scenario("bf16_mixed", lambda: (_lit(init_mlp(6, scheme="kaiming"), lr=1e-3, optimizer="adam"), reg(),
+                                    {"precision": "bf16-mixed"}), max_steps=30),
+    Scenario("frozen_backbone", lambda: (frozen_mlp(), reg(), {}), max_steps=30),
+    Scenario("postnorm_rnn", lambda: (SeqModel("rnn", post_norm=True), sequences(seq=30), {}), max_steps=30,
+             notes="LayerNorm after the RNN output: trains fine"),
+    Scenario("tanh_xavier_deep", lambda: (_lit(init_mlp(8, act=nn.Tanh, scheme="xavier"), lr=1e-2), reg(), {}),
+             max_steps=30),
+    Scenario("selu_lecun_deep", lambda: (_lit(init_mlp(8, act=nn.SELU, scheme="lecun"), lr=1e-3, optimizer="adam"),
+                                         reg(), {}), max_steps=30),
+    Scenario("clipped_classifier", lambda: (_lit(init_mlp(4, scheme="kaiming", d_out=4), loss=_ce, lr=3e-3,
+                                                 optimizer="adam"), cls(), {"gradient_clip_val": 1.0}), max_steps=40),
+    Scenario("sigmoid_output_bce", lambda: (sigmoid_head(), reg(), {}), max_steps=40,
+             notes="a confident sigmoid output head saturates by design"),
+    Scenario("embedding_bag", lambda: (_lit(BagModel(), loss=_ce, lr=3e-3, optimizer="adam"), bags(), {}),
+             max_steps=30),
+    Scenario("high_lr_adam_converging", lambda: (_lit(init_mlp(3, scheme="kaiming"), lr=3e-2, optimizer="adam"),
+                                                 reg(), {}), max_steps=40),
+]
+
+ALL: list[Scenario] = PLANTED + HEALTHY
+
+
+def run_scenario(sc: Scenario, seed: int = 0, **normcheck_kwargs: Any) -> Result:
+    """Train ``sc`` with ``NormCheck`` (log_every_n_steps=50 on the Trainer) and collect its findings."""
+    from lightning_normcheck import NormCheck
+
+    L.seed_everything(seed, verbose=False)
+    model, data, kwargs = sc.build()
+    cb = NormCheck(print_summary=False, **normcheck_kwargs)
+    trainer_kwargs: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=sc.max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=50,
+        num_sanity_val_steps=0,
+    )
+    trainer_kwargs.update(kwargs)
+    t0 = time.perf_counter()
+    exc: BaseException | None = None
+    try:
+        L.Trainer(callbacks=[cb], **trainer_kwargs).fit(model, data)
+    except Exception as err:  # noqa: BLE001 - planted scenarios may raise on purpose
+        exc = err
+    return Result(sc, cb.findings, time.perf_counter() - t0, exc)
+
+
+def judge(res: Result, codes: tuple[str, ...] = PATHOLOGY_CODES) -> tuple[list[str], list[Any]]:
+    """``(missed expected codes, false alarms)`` of a result, looking only at ``codes``."""
+    bad = [f for f in res.findings if f.severity in ("warning", "error") and f.code in codes]
+    found = {f.code for f in bad}
+    missed = [c for c in res.scenario.expect if c not in found]
+    false = [f for f in bad if f.code not in res.scenario.expect] if not res.scenario.planted else []
+    return missed, false
