@@ -218,7 +218,9 @@ class _ActivationNorms(_Monitor):
         self._input = None
 
     def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
-        D.diagnose_activations(run.findings, self.history, values, self.last_order, self.modules, step)
+        D.diagnose_activations(
+            run.findings, self.history, values, self.last_order, self.modules, step, window=self.window
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history.state_dict()}

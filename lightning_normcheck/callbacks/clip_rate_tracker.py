@@ -67,6 +67,9 @@ class _ClipRate(_Monitor):
         run.add_metric("normcheck/clip/rate", rate)
         run.add_metric("normcheck/clip/mean_excess", mean_excess)
         run.add_metric("_clip_window_steps", torch.tensor(float(n)))
+        k = min(n, 5)  # the latest steps: still clipping now, or only early in the window?
+        last = torch.tensor([(self._pos - 1 - j) % self.window for j in range(k)], device=clipped.device)
+        run.add_metric("_clip_recent", self._clipped.index_select(0, last).mean())
 
     def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
         D.diagnose_clipping(

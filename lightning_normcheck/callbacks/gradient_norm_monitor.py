@@ -28,6 +28,30 @@ class _GradientNorms(_Monitor):
         self.per_parameter = per_parameter
         self.history = D.GradientHistory()
         self._first_nonfinite: tuple[int, list[str]] | None = None
+        self._bad_loss_step: torch.Tensor | None = None  # first step with a non-finite loss (-1: none), on device
+        self._bad_loss_value: torch.Tensor | None = None
+        self._amp_scaler = False
+
+    def setup(self, run: _Run) -> None:
+        self._bad_loss_step = self._bad_loss_value = None
+        self._amp_scaler = getattr(getattr(run.trainer, "precision_plugin", None), "scaler", None) is not None
+
+    def on_before_backward(self, run: _Run, loss: torch.Tensor) -> None:
+        # the first non-finite loss, tracked on the device with torch.where: no host sync
+        loss = loss.detach()
+        if self._bad_loss_step is None or self._bad_loss_step.device != loss.device:
+            self._bad_loss_step = torch.full((), -1.0, device=loss.device)
+            self._bad_loss_value = torch.zeros((), device=loss.device)
+        bad = ~torch.isfinite(loss).all()
+        first = bad & (self._bad_loss_step < 0)
+        value = loss.reshape(-1)[0].float() if loss.numel() else loss.new_zeros(()).float()
+        self._bad_loss_value = torch.where(first, value, self._bad_loss_value)
+        self._bad_loss_step = torch.where(first, torch.full_like(self._bad_loss_step, float(run.step)), self._bad_loss_step)
+
+    def collect(self, run: _Run) -> None:
+        if self._bad_loss_step is not None and self._bad_loss_value is not None:
+            run.add_metric("_nonfinite_loss_step", self._bad_loss_step)
+            run.add_metric("_nonfinite_loss_value", self._bad_loss_value)
 
     def on_before_optimizer_step(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
         step = run.step
@@ -55,7 +79,12 @@ class _GradientNorms(_Monitor):
             for k, v in values.items()
             if k.startswith("normcheck/grad_norm/") and k != TOTAL_KEY
         }
-        D.diagnose_gradients(run.findings, self.history, totals, layers, step, run.layer_names)
+        D.diagnose_gradients(
+            run.findings, self.history, totals, layers, step, run.layer_names, values=values, amp_scaler=self._amp_scaler
+        )
+
+    def on_exception(self, run: _Run, exception: BaseException) -> None:
+        D.explain_exception(run.findings, exception, run.step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history.state_dict()}

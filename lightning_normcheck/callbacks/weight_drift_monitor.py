@@ -79,6 +79,7 @@ class _WeightDrift(_Monitor):
             drift = N.group_norms(N.sub_norms(self.params, self.reference), self.layer_index, n_layers)
             ref = N.group_norms(N.tensor_norms(self.reference), self.layer_index, n_layers)
             run.add_metrics("normcheck/weight_drift/", (drift / ref.clamp_min(1e-12))[present], labels)
+            run.add_metrics("_weight_ref/", ref[present], labels)  # start-of-fit norms, for diagnosis
         for opt_id, upd in list(self._updates.items()):
             opt = next((o for o in run.trainer.optimizers if id(o) == opt_id), None)
             if opt is None:

@@ -13,6 +13,7 @@ from lightning_normcheck.diagnosis.pathologies import (
     diagnose_clipping,
     diagnose_gradients,
     diagnose_weights,
+    explain_exception,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "diagnose_clipping",
     "diagnose_gradients",
     "diagnose_weights",
+    "explain_exception",
 ]
