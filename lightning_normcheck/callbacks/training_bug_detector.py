@@ -87,7 +87,6 @@ class _TrainingBugs(_Monitor):
         self._probe_results: list[tuple[int, float, float, float, int]] = []
         self._probe_runs = 0
         self._probe_failures = 0
-        self._probed_batch = -1
         self._reduction: str | None = None
         self._manual = False
 
@@ -163,7 +162,7 @@ class _TrainingBugs(_Monitor):
             win = w.window
             if w.steps > 0 and win.observed and win.events > 0 and win.min_sq is not None and win.used_sq is not None:
                 self._pending.append(("_bugs/zg", w, win.opened_at, step, win.min_sq, win.used_sq))
-            if w.steps > 0 and self._manual:
+            if self._manual:
                 self._check_accumulation(run, w, step)
             observe = run.is_due(step + 1)
             used_sq = None
@@ -238,22 +237,21 @@ class _TrainingBugs(_Monitor):
             with torch.enable_grad():
                 seq = (self._marker_leaf * 1.0).grad_fn._sequence_nr()  # type: ignore[union-attr]
             self._markers = [*self._markers[-15:], (self.batches - 1, seq)]
-
-    def on_before_backward(self, run: _Run, loss: Tensor) -> None:
-        self._bwd_id += 1
-        scale = B.loss_scale_factor(loss.grad_fn) if self._manual else None
-        self._bwd = (self._bwd_id, self.batches - 1, scale)
         if (
             not self._manual
             and self.loss_probe
             and self._reduction is None
             and self._probe_runs < self.max_loss_probes
             and self._probe_failures < 2
-            and self._probed_batch != self.batches - 1
-            and self._batch is not None
         ):
-            self._probed_batch = self.batches - 1
+            # before the real forward: a probe between forward and backward would bump the version of
+            # BatchNorm buffers saved for backward and break it
             self._probe_loss(run)
+
+    def on_before_backward(self, run: _Run, loss: Tensor) -> None:
+        self._bwd_id += 1
+        scale = B.loss_scale_factor(loss.grad_fn) if self._manual else None
+        self._bwd = (self._bwd_id, self.batches - 1, scale)
 
     def on_after_backward(self, run: _Run) -> None:
         self._bwd = None
@@ -263,9 +261,6 @@ class _TrainingBugs(_Monitor):
         if w is not None:
             w.lightning_hook = True
 
-    def on_train_batch_end(self, run: _Run, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._batch = None
-
     # the two-halves loss probe ----------------------------------------------------------------------------
     def _probe_loss(self, run: _Run) -> None:
         """Re-run ``training_step`` without gradients on two halves of the batch and on both together.
@@ -274,6 +269,7 @@ class _TrainingBugs(_Monitor):
         restored, ``self.log`` is a no-op meanwhile, and ``run.probing`` tells activation hooks to ignore it.
         """
         split = B.split_batch(self._batch)
+        self._batch = None
         if split is None:
             self._probe_failures += 1
             return

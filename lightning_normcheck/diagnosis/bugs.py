@@ -315,8 +315,8 @@ def report_missing_zero_grad(
         None,
         f"gradients are not cleared between optimizer steps ({optimizer}). At every backward pass between"
         f" step {previous_step} and step {step}, the watched parameters' gradients were already non-zero"
-        f" before backward (smallest norm {stale_norm:.4g}; step {previous_step} had used a gradient of norm"
-        f" {used_norm:.4g}), so each new gradient is added to all the previous ones: the update is a running"
+        f" before backward (the smallest left-over gradient of one watched parameter had norm {stale_norm:.4g}; step"
+        f" {previous_step} had used a gradient of norm {used_norm:.4g} on them), so each new gradient is added to all the previous ones: the update is a running"
         f" sum over the whole run, growing with the step count.{growth} Summing inside one accumulation window"
         " is fine; carrying over across optimizer steps is this bug. Likely causes: an `optimizer_zero_grad`"
         " override that does nothing; a manual-optimization loop without `opt.zero_grad()`. What to try: call"
@@ -436,9 +436,8 @@ def explain_graph_exception(
 ) -> None:
     """Explain "backward through the graph a second time" / "modified by an inplace operation".
 
-    Attributed to a state carried across batches when a stale state was seen, or when the model has
-    recurrent modules and training raised after its first batch. Other in-place errors (a genuine
-    in-place op in the model) are left alone.
+    Attributed to a state carried across batches when a stale state was seen, or when training raised
+    after its first batch (a genuine in-place op in the model raises at the first backward already).
 
     Args:
         findings: the log.
@@ -465,8 +464,8 @@ def explain_graph_exception(
                 f.extra["exception"] = first_line
                 f.message += note
         return
-    if batches < 2 or not (rnn_modules or second):
-        return  # in the first batch nothing can come from an earlier one; a plain in-place bug is not ours
+    if batches < 2:
+        return  # in the first batch nothing can come from an earlier one (a plain in-place bug raises there)
     layer = rnn_modules[0] if rnn_modules else None
     what = (
         f"the recurrent state of `{layer}`"

@@ -1,0 +1,401 @@
+"""TrainingBugDetector: a real buggy run and a healthy look-alike for every bug, on tiny CPU models."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from helpers import LitModel, bad, classification_data, codes, fit, loader, mlp, regression_data
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_normcheck import NormCheck
+from lightning_normcheck.callbacks.training_bug_detector import TrainingBugDetector, _make_monitor
+from lightning_normcheck.diagnosis import bugs as B
+
+
+def detector() -> TrainingBugDetector:
+    return TrainingBugDetector(print_summary=False)
+
+
+def finding(cb: TrainingBugDetector, code: str) -> Any:
+    found = [f for f in cb.findings if f.code == code and f.severity in ("warning", "error")]
+    assert found, f"no {code} finding; got {[(f.code, f.severity) for f in cb.findings]}"
+    return found[0]
+
+
+# missing_zero_grad ------------------------------------------------------------------------------------------
+class NoZeroGrad(LitModel):
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+        pass  # the bug: gradients are never cleared
+
+
+class ManualModel(LitModel):
+    """Manual optimization; ``zero_grad``, accumulation ``k`` and division are switches."""
+
+    def __init__(self, zero_grad: bool = True, k: int = 1, divide: bool = True, steps_per_batch: int = 1) -> None:
+        super().__init__(mlp())
+        self.automatic_optimization = False
+        self.zero, self.k, self.divide, self.steps_per_batch = zero_grad, k, divide, steps_per_batch
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        self.manual_backward(loss / self.k if self.divide and self.k > 1 else loss)
+        if (batch_idx + 1) % self.k == 0:
+            for _ in range(self.steps_per_batch):
+                opt.step()
+            if self.zero:
+                opt.zero_grad()
+        return loss
+
+
+def test_missing_zero_grad_automatic() -> None:
+    cb = detector()
+    fit(NoZeroGrad(mlp()), loader(regression_data()), [cb], max_steps=6)
+    f = finding(cb, "missing_zero_grad")
+    assert f.severity == "error" and f.step <= 2
+    assert "zero_grad" in f.message and "norm" in f.message
+
+
+def test_missing_zero_grad_under_accumulation_and_healthy_accumulation() -> None:
+    buggy = detector()
+    fit(NoZeroGrad(mlp()), loader(regression_data()), [buggy], max_steps=4, accumulate_grad_batches=2)
+    assert "missing_zero_grad" in codes(buggy.findings)
+    healthy = detector()  # summing inside one accumulation window is legitimate
+    fit(LitModel(mlp()), loader(regression_data()), [healthy], max_steps=4, accumulate_grad_batches=2)
+    assert bad(healthy.findings) == []
+
+
+def test_missing_zero_grad_manual_and_healthy_manual() -> None:
+    buggy = detector()
+    fit(ManualModel(zero_grad=False), loader(regression_data()), [buggy], max_steps=6)
+    f = finding(buggy, "missing_zero_grad")
+    assert f.step <= 2
+    healthy = detector()
+    fit(ManualModel(), loader(regression_data()), [healthy], max_steps=6)
+    assert bad(healthy.findings) == []
+
+
+def test_missing_zero_grad_numbers_match_an_independent_computation() -> None:
+    """The reported stale norm is the norm of the watched gradients left over from the previous step."""
+    model = ManualModel(zero_grad=False)
+    seen: list[float] = []
+
+    class Spy(Callback):
+        def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+            w = [p for p in pl_module.parameters()]
+            watched = w[:2] + w[-2:]
+            if all(p.grad is not None for p in watched):
+                seen.append(min(float(p.grad.norm()) for p in watched))  # smallest left-over gradient
+
+    cb = detector()
+    fit(model, loader(regression_data()), [Spy(), cb], max_steps=3)
+    f = finding(cb, "missing_zero_grad")
+    assert seen and f.value == pytest.approx(seen[0], rel=1e-4)
+
+
+# double_optimizer_step ---------------------------------------------------------------------------------------
+class ExtraStep(Callback):
+    """Another callback calling the torch optimizer directly: no Lightning hook fires for it."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        trainer.optimizers[0].step()
+
+
+def test_double_step_manual_twice() -> None:
+    cb = detector()
+    fit(ManualModel(steps_per_batch=2), loader(regression_data()), [cb], max_steps=8)
+    f = finding(cb, "double_optimizer_step")
+    assert f.severity == "error" and f.step <= 4
+    assert "training_step" in f.message
+
+
+def test_double_step_from_another_callback() -> None:
+    cb = detector()
+    fit(LitModel(mlp(), optimizer="adam"), loader(regression_data()), [ExtraStep(), cb], max_steps=6)
+    f = finding(cb, "double_optimizer_step")
+    assert "directly" in f.message and f.step <= 2
+
+
+class GAN(L.LightningModule):
+    """Two optimizers alternating every batch (manual optimization), each stepping once."""
+
+    def __init__(self, n_critic: int = 1) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.g = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.d = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+        self.n_critic = n_critic
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, _ = batch
+        opt_g, opt_d = self.optimizers()
+        z = torch.randn(x.shape[0], 4)
+        # generator (no toggling: its backward also reaches the discriminator's parameters)
+        if batch_idx % self.n_critic == 0:
+            g_loss = F.softplus(-self.d(self.g(z))).mean()
+            opt_g.zero_grad()
+            self.manual_backward(g_loss)
+            opt_g.step()
+        # discriminator
+        d_loss = F.softplus(-self.d(x)).mean() + F.softplus(self.d(self.g(z).detach())).mean()
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.g.parameters(), 1e-3), torch.optim.Adam(self.d.parameters(), 1e-3)
+
+
+def test_healthy_gan_alternation_and_n_critic() -> None:
+    for n_critic in (1, 3):
+        cb = detector()
+        fit(GAN(n_critic), loader(regression_data()), [cb], max_steps=12)
+        assert bad(cb.findings) == [], n_critic
+
+
+class LBFGSModel(LitModel):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
+
+
+def test_healthy_lbfgs_and_lr_scheduler() -> None:
+    cb = detector()
+    fit(LBFGSModel(mlp()), loader(regression_data()), [cb], max_steps=4)
+    assert bad(cb.findings) == []
+
+    class Scheduled(LitModel):
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)}
+
+    cb = detector()
+    fit(Scheduled(mlp()), loader(regression_data()), [cb], max_steps=6)
+    assert bad(cb.findings) == []
+
+
+# loss_sum_reduction ------------------------------------------------------------------------------------------
+def sum_mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(pred, y, reduction="sum")
+
+
+def features_sum_batch_mean(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((pred - y) ** 2).sum(dim=1).mean()
+
+
+def sum_over_batch_size(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((pred - y) ** 2).sum() / pred.shape[0]
+
+
+@pytest.mark.parametrize(
+    "loss,data,summed",
+    [
+        (sum_mse, "reg", True),
+        (lambda p, y: F.cross_entropy(p, y, reduction="sum"), "cls", True),
+        (lambda p, y: ((p - y) ** 2).sum(), "reg", True),
+        (features_sum_batch_mean, "reg", False),
+        (sum_over_batch_size, "reg", False),
+        (F.cross_entropy, "cls", False),
+    ],
+    ids=["mse_sum", "ce_sum", "hand_sum", "feature_sum_batch_mean", "sum_div_batch", "ce_mean"],
+)
+def test_loss_sum_reduction(loss: Any, data: str, summed: bool) -> None:
+    if data == "cls":
+        model, ds = LitModel(mlp(d_out=4), loss=loss, lr=1e-3), classification_data()
+    else:
+        model, ds = LitModel(mlp(d_out=3), loss=loss, lr=1e-3), _multi_target()
+    cb = detector()
+    fit(model, loader(ds, batch_size=16), [cb], max_steps=4)
+    if summed:
+        f = finding(cb, "loss_sum_reduction")
+        assert f.value == pytest.approx(1.0, abs=0.02) and f.step <= 2
+        assert "reduction='mean'" in f.message
+    else:
+        assert bad(cb.findings) == []
+
+
+def _multi_target() -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 8, generator=g)
+    return torch.utils.data.TensorDataset(x, x[:, :3] * 2 + 0.1 * torch.randn(128, 3, generator=g))
+
+
+def test_probe_ratio_matches_independent_computation() -> None:
+    """The reported ratio equals loss(both)/(loss(A)+loss(B)) computed here, by hand, on the first batch."""
+    torch.manual_seed(0)
+    model = LitModel(mlp(d_out=3), loss=sum_mse, lr=0.0)  # lr 0: the weights stay those at the probe
+    ds = _multi_target()
+    cb = detector()
+    fit(model, loader(ds, batch_size=10), [cb], max_steps=3)
+    f = finding(cb, "loss_sum_reduction")
+    x, y = ds.tensors[0][:8], ds.tensors[1][:8]
+    with torch.no_grad():
+        a, b, full = (sum_mse(model(x[s]), y[s]).item() for s in (slice(0, 4), slice(4, 8), slice(0, 8)))
+    assert f.extra["ratios"][0] == pytest.approx(full / (a + b), rel=1e-4)
+
+
+class BNDropNet(LitModel):
+    def __init__(self, loss: Any = None, log_it: bool = True, lr: float = 0.05) -> None:
+        net = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 1))
+        super().__init__(net, loss=loss, lr=lr)
+        self.log_it = log_it
+        self.calls = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.calls += 1
+        loss = super().training_step(batch, batch_idx)
+        if self.log_it:
+            self.log("train_loss", loss)
+        return loss
+
+
+def test_probe_leaves_training_bit_identical() -> None:
+    """Weights after N steps with and without the detector are bit-identical (Dropout, BatchNorm, self.log)."""
+    base = BNDropNet(loss=sum_mse, lr=1e-3)  # summed: the probe runs on 3 batches and reports
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    t_plain = fit(a, loader(regression_data(), batch_size=16), [], max_steps=6)
+    cb = detector()
+    t_probe = fit(b, loader(regression_data(), batch_size=16), [cb], max_steps=6)
+    assert "loss_sum_reduction" in codes(cb.findings)  # the probe did run
+    for (n, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.isfinite(pa).all() and torch.equal(pa, pb), n  # parameters and BatchNorm running stats
+    assert a.calls == b.calls  # module attributes restored after the probe
+    assert set(t_plain.callback_metrics) == set(t_probe.callback_metrics) == {"train_loss"}
+    assert torch.equal(t_plain.callback_metrics["train_loss"], t_probe.callback_metrics["train_loss"])
+
+
+def test_healthy_bn_dropout_mean_and_forward_twice() -> None:
+    cb = detector()
+    fit(BNDropNet(), loader(regression_data(), batch_size=16), [cb], max_steps=6)
+    assert bad(cb.findings) == []
+
+    class Twice(LitModel):  # forward runs several times per step (two views, one loss)
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return 0.5 * (F.mse_loss(self(x), y) + F.mse_loss(self(x + 0.01), y))
+
+    cb = detector()
+    fit(Twice(mlp()), loader(regression_data()), [cb], max_steps=6)
+    assert bad(cb.findings) == []
+
+
+def test_unsplittable_batch_is_skipped() -> None:
+    class Dictionary(LitModel):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return sum_mse(self(batch["x"]), batch["y"])
+
+    ds = regression_data(64)
+    data = [{"x": ds.tensors[0][i], "y": ds.tensors[1][i]} for i in range(64)]
+    cb = detector()
+    fit(Dictionary(mlp()), loader(data), [cb], max_steps=4)  # type: ignore[arg-type]  # dict batches split
+    assert "loss_sum_reduction" in codes(cb.findings)
+    assert B.split_batch({"x": torch.zeros(4, 2), "y": torch.zeros(3)}) is None
+    assert B.split_batch(torch.zeros(3, 2)) is None  # halves of one sample: BatchNorm could not take them
+
+
+# accumulation_not_averaged -------------------------------------------------------------------------------------
+def test_manual_accumulation_not_averaged_and_averaged() -> None:
+    buggy = detector()
+    fit(ManualModel(k=4, divide=False), loader(regression_data()), [buggy], max_steps=2)
+    f = finding(buggy, "accumulation_not_averaged")
+    assert "k=4" in f.message and f.value == 4.0
+    healthy = detector()
+    fit(ManualModel(k=4, divide=True), loader(regression_data()), [healthy], max_steps=2)
+    assert bad(healthy.findings) == []
+
+
+# hidden_state_not_detached ---------------------------------------------------------------------------------------
+def sequence_data(n: int = 64, t: int = 6, d: int = 4) -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, t, d, generator=g)
+    return torch.utils.data.TensorDataset(x, x.sum(dim=(1, 2), keepdim=False)[:, None])
+
+
+class Stateful(L.LightningModule):
+    """An LSTM whose state is carried from batch to batch (stateful TBPTT)."""
+
+    def __init__(self, detach: bool, retain_graph: bool = False, kind: str = "lstm") -> None:
+        super().__init__()
+        self.rnn = (nn.LSTM if kind == "lstm" else nn.GRU)(4, 8, batch_first=True)
+        self.head = nn.Linear(8, 1)
+        self.detach, self.retain_graph = detach, retain_graph
+        self.hidden: Any = None
+        if retain_graph:
+            self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.hidden is not None and self.detach:
+            self.hidden = (
+                tuple(h.detach() for h in self.hidden) if isinstance(self.hidden, tuple) else self.hidden.detach()
+            )
+        out, self.hidden = self.rnn(x, self.hidden)
+        loss = F.mse_loss(self.head(out[:, -1]), y)
+        if self.retain_graph:
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss, retain_graph=True)
+            opt.step()
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("retain_graph", [False, True], ids=["second_time", "inplace"])
+def test_hidden_state_not_detached_raises_and_is_explained(retain_graph: bool) -> None:
+    cb = detector()
+    with pytest.raises(RuntimeError, match="second time|inplace"):
+        fit(Stateful(detach=False, retain_graph=retain_graph), loader(sequence_data()), [cb], max_steps=6)
+    f = finding(cb, "hidden_state_not_detached")
+    assert f.layer == "rnn" and f.severity == "error"
+    assert "batch 1" in f.message and "detach" in f.message
+    assert "Training then raised" in f.message  # tied to the exception
+
+
+def test_hidden_state_detached_tbptt_is_healthy() -> None:
+    for kind in ("lstm", "gru"):
+        cb = detector()
+        fit(Stateful(detach=True, kind=kind), loader(sequence_data()), [cb], max_steps=6)
+        assert bad(cb.findings) == [], kind
+
+
+def test_exception_without_rnn_hook_still_explained() -> None:
+    """A carried state the pre-hook cannot see (a hand-written cell) is still explained from the exception."""
+
+    class Cell(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Linear(4, 4)
+            self.state: torch.Tensor | None = None
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x = batch[0][:, 0]
+            self.state = torch.tanh(self.w(x) + (self.state if self.state is not None else 0))
+            return self.state.pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    cb = detector()
+    with pytest.raises(RuntimeError, match="second time"):
+        fit(Cell(), loader(sequence_data()), [cb], max_steps=4)
+    f = finding(cb, "hidden_state_not_detached")
+    assert f.layer is None and "detach" in f.message
+
+
+# wiring -----------------------------------------------------------------------------------------------------------
+def test_arguments_validated_and_normcheck_wiring() -> None:
+    with pytest.raises(ValueError, match="max_loss_probes"):
+        TrainingBugDetector(max_loss_probes=1)
+    with pytest.raises(TypeError, match="loss_probe"):
+        _make_monitor("NormCheck", loss_probe="yes")  # type: ignore[arg-type]
+    cb = NormCheck(print_summary=False)
+    fit(LitModel(mlp(), loss=sum_mse, lr=1e-3), loader(regression_data()), [cb], max_steps=4)
+    assert "loss_sum_reduction" in codes(cb.findings)
