@@ -396,6 +396,11 @@ def test_arguments_validated_and_normcheck_wiring() -> None:
         TrainingBugDetector(max_loss_probes=1)
     with pytest.raises(TypeError, match="loss_probe"):
         _make_monitor("NormCheck", loss_probe="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="NormCheck.*max_loss_probes"):
+        NormCheck(max_loss_probes=0)
+    off = NormCheck(loss_probe=False, print_summary=False)
+    fit(LitModel(mlp(), loss=sum_mse, lr=1e-3), loader(regression_data()), [off], max_steps=4)
+    assert "loss_sum_reduction" not in codes(off.findings)
     cb = NormCheck(print_summary=False)
     fit(LitModel(mlp(), loss=sum_mse, lr=1e-3), loader(regression_data()), [cb], max_steps=4)
     assert "loss_sum_reduction" in codes(cb.findings)

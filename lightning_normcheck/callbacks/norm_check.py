@@ -50,6 +50,9 @@ class NormCheck(_NormCheckBase):
         clip_algorithm: ``"norm"`` or ``"value"`` (default: the Trainer's).
         clip_window: optimizer steps the clip rate is computed over.
         high_clip_rate: a clip rate above this over a full window is reported.
+        loss_probe: bug detector: re-run ``training_step`` without gradients on two halves of a few batches
+            to tell a summed loss from an averaged one (automatic optimization; training is unchanged).
+        max_loss_probes: bug detector: most batches per fit the loss probe runs on (>= 2).
         print_summary: print the findings table at the end of fit.
 
     Raises:
@@ -94,6 +97,8 @@ class NormCheck(_NormCheckBase):
         clip_algorithm: Literal["norm", "value"] | None = None,
         clip_window: int = 50,
         high_clip_rate: float = 0.5,
+        loss_probe: bool = True,
+        max_loss_probes: int = 3,
         print_summary: bool = True,
     ) -> None:
         super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
@@ -136,7 +141,10 @@ class NormCheck(_NormCheckBase):
                     high_clip_rate=high_clip_rate,
                 ),
             ),
-            (bugs, training_bug_detector._make_monitor(owner)),
+            (
+                bugs,
+                training_bug_detector._make_monitor(owner, loss_probe=loss_probe, max_loss_probes=max_loss_probes),
+            ),
         ]
         self._monitors = [m for on, m in parts if on]
 
