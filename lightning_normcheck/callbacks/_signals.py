@@ -206,12 +206,20 @@ class _BatchScale(_Monitor):
                 top.append(DD.FeatureStat(index=int(g.pop("idx")), **g))
             inputs.append(
                 DD.InputScale(
-                    display, axis, n_features, top, int(values[p + "n_above"]), int(values[p + "nonfinite"]),
-                    values[p + "all_min"], ndim,
+                    display,
+                    axis,
+                    n_features,
+                    top,
+                    int(values[p + "n_above"]),
+                    int(values[p + "nonfinite"]),
+                    values[p + "all_min"],
+                    ndim,
                 )
             )
-        input_max = max((values[f"{_PREFIX}in/{lb}/all_max_abs"] for lb in self._meta
-                         if f"{_PREFIX}in/{lb}/all_max_abs" in values), default=None)
+        input_max = max(
+            (values[f"{_PREFIX}in/{lb}/all_max_abs"] for lb in self._meta if f"{_PREFIX}in/{lb}/all_max_abs" in values),
+            default=None,
+        )
         measured = self._step if self._step >= 0 else step
         self._meta = {}
         self._step = -1
@@ -222,8 +230,13 @@ class _BatchScale(_Monitor):
             return
         label, display, why = target
         t = DD.TargetScale(
-            display, values[f"{_PREFIX}target/median_abs"], values[f"{_PREFIX}target/rms"],
-            values[f"{_PREFIX}target/mean"], values[f"{_PREFIX}target/std"], values[f"{_PREFIX}target/max_abs"], why,
+            display,
+            values[f"{_PREFIX}target/median_abs"],
+            values[f"{_PREFIX}target/rms"],
+            values[f"{_PREFIX}target/mean"],
+            values[f"{_PREFIX}target/std"],
+            values[f"{_PREFIX}target/max_abs"],
+            why,
         )
         grad = next((v for s, n, v in run.flushed_series if n == TOTAL_KEY and s == measured), None)
         DD.diagnose_labels(run.findings, measured, t, values.get(f"{_PREFIX}loss"), grad, input_max)
@@ -290,8 +303,9 @@ class _GradientSpikes(_Monitor):
     def _warmup_hint(self, run: _Run, values: dict[str, float], step: int) -> None:
         if step >= DD.EARLY_STEPS:
             return
-        ratios = {k[len("normcheck/update_ratio/") :]: v for k, v in values.items()
-                  if k.startswith("normcheck/update_ratio/")}
+        ratios = {
+            k[len("normcheck/update_ratio/") :]: v for k, v in values.items() if k.startswith("normcheck/update_ratio/")
+        }
         if not ratios or not run.trainer.optimizers:
             return
         opt = run.trainer.optimizers[0]

@@ -135,26 +135,35 @@ def diagnose_inputs(
         where = f"{inp.axis} {top.index} of {inp.tensor}"
         if inp.nonfinite > 0 or not math.isfinite(top.max_abs):
             findings.report(
-                "input_scale", "error", step, None,
+                "input_scale",
+                "error",
+                step,
+                None,
                 f"{inp.tensor} holds {inp.nonfinite} non-finite value(s) at step {step} (first in {where}: max |x| "
                 f"{_g(top.max_abs)}). Likely causes: missing values left as NaN, a division by a zero std "
                 "during standardization, a log of zero. Fix: impute missing values, standardize with a "
                 "clamped std (std.clamp_min(1e-6)) or drop the constant column.",
-                value=top.max_abs, tensor=inp.tensor, feature=top.index,
+                value=top.max_abs,
+                tensor=inp.tensor,
+                feature=top.index,
             )
             continue
         if top.max_abs > INPUT_SCALE:
             _report_large_input(findings, step, inp, top, where, normalized_by)
         elif (
-            inp.ndim >= 4 and inp.min >= 0.0 and 1.0 < top.max_abs <= PIXEL_MAX
-            and findings.get("input_scale") is None
+            inp.ndim >= 4 and inp.min >= 0.0 and 1.0 < top.max_abs <= PIXEL_MAX and findings.get("input_scale") is None
         ):
             findings.report(
-                "input_scale", "info", step, None,
+                "input_scale",
+                "info",
+                step,
+                None,
                 f"{inp.tensor} looks like raw 0-255 pixels ({inp.axis} {top.index} reaches {_g(top.max_abs)}, "
                 f"min {_g(inp.min)}). They train, but the first layer sees ~100x larger inputs than with "
                 "[0, 1] or standardized pixels: divide by 255 (or standardize per channel).",
-                value=top.max_abs, tensor=inp.tensor, feature=top.index,
+                value=top.max_abs,
+                tensor=inp.tensor,
+                feature=top.index,
             )
 
 
@@ -178,8 +187,7 @@ def _report_large_input(
     if top.std <= 1e-6 * top.max_abs:
         cause = (
             f"It is constant at {_g(top.mean)} in this batch: a constant column left unscaled (an ID, a year, "
-            "a flag times a unit). Likely fix: drop the column if it is constant in the data set, else "
-            + fix_std + "."
+            "a flag times a unit). Likely fix: drop the column if it is constant in the data set, else " + fix_std + "."
         )
     elif top.near_zero >= NEAR_ZERO_FRACTION:
         cause = (
@@ -199,9 +207,14 @@ def _report_large_input(
         severity = "info"
         tail = f" The model's first layer {normalized_by} is a BatchNorm that re-normalizes each feature."
     findings.report(
-        "input_scale", severity, step, None,
+        "input_scale",
+        severity,
+        step,
+        None,
         f"{seen} {cause} Large inputs make the first layer's activations and gradients as large.{tail}",
-        value=top.max_abs, tensor=inp.tensor, feature=top.index,
+        value=top.max_abs,
+        tensor=inp.tensor,
+        feature=top.index,
     )
 
 
@@ -251,10 +264,14 @@ def diagnose_labels(
     )
     if loss is None:
         findings.report(
-            "label_scale", "info", step, None,
+            "label_scale",
+            "info",
+            step,
+            None,
             f"{seen[0].upper() + seen[1:]}. If the loss is an MSE on these raw values, normalize the targets, "
             "(y - mean) / std with training-set statistics, and un-normalize predictions (pred * std + mean).",
-            value=scale, tensor=target.tensor,
+            value=scale,
+            tensor=target.tensor,
         )
         return
     on_scale = not math.isfinite(loss) or loss >= LOSS_ON_TARGET_SCALE * scale * scale
@@ -267,13 +284,18 @@ def diagnose_labels(
     else:
         inputs = " So"
     findings.report(
-        "label_scale", "warning", step, None,
+        "label_scale",
+        "warning",
+        step,
+        None,
         f"{seen[0].upper() + seen[1:]}, and the loss of that batch is {_g(loss)}{grad}: MSE and its gradient grow with "
         f"the squared target scale.{inputs} the huge loss and gradients come from the labels, not from "
         "the network (not exploding gradients). Fix: normalize the targets, (y - mean) / std with "
         "training-set statistics (or predict log1p(y)), and un-normalize predictions (pred * std + mean) "
         "for metrics and inference.",
-        value=scale, tensor=target.tensor, loss=loss,
+        value=scale,
+        tensor=target.tensor,
+        loss=loss,
     )
 
 
@@ -416,12 +438,16 @@ def diagnose_spikes(
         f.value = worst.factor
         f.last_step = max(f.last_step, new[-1].step)
         f.extra.update(
-            steps=[s.step for s in listed], factors=[round(s.factor, 2) for s in listed],
-            batches=[s.batch for s in listed], max_factor=worst.factor,
+            steps=[s.step for s in listed],
+            factors=[round(s.factor, 2) for s in listed],
+            batches=[s.batch for s in listed],
+            max_factor=worst.factor,
         )
     if not clipping:
         add_hint(
-            findings, "no_clipping", first.step,
+            findings,
+            "no_clipping",
+            first.step,
             "No gradient clipping while the gradient norm spikes: gradient_clip_val=1.0 bounds what one bad "
             "batch can do to the weights.",
         )
@@ -442,9 +468,7 @@ def add_hint(findings: FindingLog, key: str, step: int, text: str) -> Finding | 
     return f
 
 
-def diagnose_clipping_hygiene(
-    findings: FindingLog, step: int, totals: Sequence[float], clip_val: float | None
-) -> None:
+def diagnose_clipping_hygiene(findings: FindingLog, step: int, totals: Sequence[float], clip_val: float | None) -> None:
     """Hint (info) when norm clipping acts on most of the recent steps: lower the LR instead."""
     if not clip_val or len(totals) < CLIP_MIN_STEPS:
         return
@@ -454,7 +478,9 @@ def diagnose_clipping_hygiene(
     rate = sum(v > clip_val for v in finite) / len(finite)
     if rate >= CLIP_MOST:
         add_hint(
-            findings, "clipping_most", step,
+            findings,
+            "clipping_most",
+            step,
             f"Gradient clipping at {_g(clip_val)} acts on {100 * rate:.0f}% of the last {len(finite)} steps "
             f"(median pre-clip norm {_g(statistics.median(finite))}): clipping that often is a too-high "
             "learning rate in disguise; lower the LR (or add warmup) rather than keep clipping.",
@@ -489,7 +515,9 @@ def diagnose_warmup(
         return
     layer, worst = max(update_ratios.items(), key=lambda kv: kv[1] if math.isfinite(kv[1]) else -1.0)
     add_hint(
-        findings, "warmup", step,
+        findings,
+        "warmup",
+        step,
         f"{optimizer} runs at its full LR ({_g(lr)}) from step 0 and the early updates are large: at step {step} "
         f"the median layer moves {_g(median)} of its weight norm in one step (largest {layer}: {_g(worst)}; "
         "~1e-3 is typical). Adam's first steps move every weight by ~lr before its variance estimates settle: "

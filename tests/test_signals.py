@@ -1,0 +1,479 @@
+"""Data causes and first-step hygiene: input_scale, label_scale, gradient_spikes, hygiene hints.
+
+Every detector is tested on a real buggy run where it fires and on a healthy look-alike where it stays
+silent; numbers in messages are checked against an independent computation on the data or on norms
+recorded by a separate callback (``torch.nn.utils.get_total_norm``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from helpers import LitModel, bad, codes, fit, loader, mlp
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_normcheck import GradientNormMonitor, NormCheck
+from lightning_normcheck.diagnosis import data as DD
+
+MINE = {"input_scale", "label_scale", "gradient_spikes"}
+
+
+# --- fixtures ------------------------------------------------------------------------------------------------
+class NormRecorder(L.Callback):
+    """Independent total gradient norm of every optimizer step (pre-clip)."""
+
+    def __init__(self) -> None:
+        self.totals: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.totals.append(float(torch.nn.utils.get_total_norm(grads)))
+
+
+class CaptureLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "capture"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((int(step or 0), dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def tabular(n: int = 320, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = x @ torch.randn(d, 1, generator=g) + 0.1 * torch.randn(n, 1, generator=g)
+    return x, y
+
+
+def independent_ratio(totals: list[float], step: int) -> float:
+    window = totals[max(0, step - DD.SPIKE_WINDOW) : step]
+    return totals[step] / statistics.median(window)
+
+
+def finding(cb: Any, code: str) -> Any:
+    found = [f for f in cb.findings if f.code == code]
+    assert found, f"no {code} finding in {[(f.code, f.severity) for f in cb.findings]}"
+    return found[0]
+
+
+# --- input_scale ---------------------------------------------------------------------------------------------
+def test_input_scale_raw_feature_found_early_named_and_logged() -> None:
+    x, y = tabular()
+    x[:, 2] = x[:, 2] * 1500.0 + 4000.0  # a raw feature in the thousands (a price, a year...)
+    log = CaptureLogger()
+    cb = NormCheck(print_summary=False)
+    fit(
+        LitModel(mlp(), lr=1e-3, optimizer="adam"),
+        loader(TensorDataset(x, y)),
+        [cb],
+        max_steps=20,
+        log_every_n_steps=50,
+        logger=log,
+    )
+    f = finding(cb, "input_scale")
+    assert f.severity == "warning" and f.step < 20
+    first = x[:16, 2].abs().max().item()  # the first batch (no shuffle), measured independently
+    assert f.value == pytest.approx(first, rel=1e-5)
+    assert "column 2 of batch[0]" in f.message and f"{first:.3g}" in f.message
+    assert "standardize" in f.message and "raw" in f.message
+    assert "label_scale" not in codes(cb.findings)
+    logged = {k: v for _, row in log.rows for k, v in row.items() if k.startswith("normcheck/input/")}
+    assert logged["normcheck/input/max_abs/0"] == pytest.approx(x[:, 2].abs().max().item(), rel=0.5)
+    assert not any(k.startswith("_") for _, row in log.rows for k in row)
+
+
+def test_input_scale_tiny_std_column() -> None:
+    x, y = tabular()
+    # a nearly constant column standardized by a std computed where it was constant (~0, floored at 1e-6)
+    x[:, 3] = 0.0
+    x[::10, 3] = 0.01 / 1e-6
+    cb = NormCheck(print_summary=False)
+    fit(
+        LitModel(mlp(), lr=1e-3, optimizer="adam"),
+        loader(TensorDataset(x, y)),
+        [cb],
+        max_steps=12,
+        log_every_n_steps=50,
+    )
+    f = finding(cb, "input_scale")
+    assert f.severity == "warning" and f.step == 0
+    assert "column 3 of batch[0]" in f.message and "1e+04" in f.message
+    assert "tiny std" in f.message and "clamp_min" in f.message and "drop the constant column" in f.message
+    near_zero = (x[:16, 3].abs() <= 0.01 * x[:16, 3].abs().max()).float().mean().item()
+    assert f"{100 * near_zero:.0f}% of its values are near 0" in f.message
+
+
+def test_healthy_tabular_constant_column_handled_labels_in_tens_is_silent() -> None:
+    x, y = tabular()
+    raw_const = torch.full((x.shape[0],), 7.0)
+    x[:, 3] = (raw_const - raw_const.mean()) / raw_const.std().clamp_min(1e-3)  # std clamped: 0, not huge
+    y = 10.0 * y + 20.0  # regression labels in the tens
+    cb = NormCheck(print_summary=False)
+    fit(
+        LitModel(mlp(), lr=1e-3, optimizer="adam"),
+        loader(TensorDataset(x, y), batch_size=8),
+        [cb],
+        max_steps=30,
+        log_every_n_steps=5,
+    )
+    assert not (codes(cb.findings) & MINE), bad(cb.findings)
+
+
+class TinyCNN(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def images(kind: str) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (64, 3, 8, 8), generator=g).float()
+    y = torch.randint(0, 3, (64,), generator=g)
+    if kind == "unit":
+        return TensorDataset(raw / 255.0, y)
+    if kind == "standardized":
+        return TensorDataset((raw / 255.0 - 0.5) / 0.25, y)
+    return TensorDataset(raw, y)
+
+
+@pytest.mark.parametrize("kind", ["unit", "standardized"])
+def test_healthy_images_are_silent(kind: str) -> None:
+    cb = NormCheck(print_summary=False)
+    fit(TinyCNN(), loader(images(kind)), [cb], max_steps=8, log_every_n_steps=2)
+    assert not (codes(cb.findings) & MINE), bad(cb.findings)
+    assert not [f for f in cb.findings if f.code == "input_scale"]
+
+
+def test_raw_pixels_are_info_only() -> None:
+    cb = NormCheck(print_summary=False)
+    fit(TinyCNN(), loader(images("raw")), [cb], max_steps=4, log_every_n_steps=2)
+    f = finding(cb, "input_scale")
+    assert f.severity == "info" and "0-255" in f.message and "divide by 255" in f.message
+    assert "input_scale" not in codes(cb.findings)
+
+
+class TokenModel(L.LightningModule):
+    """Token ids in, class ids out: integer tensors are not features to judge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5000, 16)
+        self.head = nn.Linear(16, 4)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.head(self.emb(batch["input_ids"]).mean(1)), batch["labels"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class TokenData(Dataset):
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1000, 5000, (64, 12), generator=g)  # ids in the thousands
+        self.labels = torch.randint(0, 4, (64,), generator=g)
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def test_token_ids_are_not_features() -> None:
+    cb = NormCheck(print_summary=False)
+    fit(TokenModel(), DataLoader(TokenData(), batch_size=8), [cb], max_steps=8, log_every_n_steps=2)
+    assert not [f for f in cb.findings if f.code in MINE]
+
+
+# --- label_scale -----------------------------------------------------------------------------------------------
+def test_label_scale_prices_found_at_first_step_and_told_apart() -> None:
+    x, y = tabular()
+    prices = 1e4 * y + 3e4  # prices in the tens of thousands
+    rec = NormRecorder()
+    cb = NormCheck(print_summary=False)
+    fit(
+        LitModel(mlp(), lr=1e-3, optimizer="adam"),
+        loader(TensorDataset(x, prices)),
+        [rec, cb],
+        max_steps=20,
+        log_every_n_steps=50,
+    )
+    f = finding(cb, "label_scale")
+    assert f.severity == "warning" and f.step == 0
+    median = prices[:16].abs().median().item()  # the first batch, computed independently
+    assert f.value == pytest.approx(median, rel=1e-5)
+    assert "batch[1]" in f.message and f"{median:.3g}" in f.message
+    assert f"{rec.totals[0]:.3g}" in f.message  # the gradient norm of that step, as recorded outside
+    assert "inputs look standardized" in f.message and "not from the network" in f.message
+    assert "normalize the targets" in f.message and "un-normalize predictions" in f.message
+    assert "input_scale" not in codes(cb.findings)
+
+
+class DictRegression(L.LightningModule):
+    def __init__(self, manual: bool = False) -> None:
+        super().__init__()
+        self.net = mlp()
+        self.automatic_optimization = not manual
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = nn.functional.mse_loss(self.net(batch["features"]), batch["target"])
+        if not self.automatic_optimization:
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+class DictData(Dataset):
+    def __init__(self, scale: float) -> None:
+        self.x, y = tabular()
+        self.y = y * scale + 2 * scale
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"features": self.x[i], "target": self.y[i]}
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_label_scale_dict_batch_diverging_sgd(manual: bool) -> None:
+    cb = NormCheck(print_summary=False)
+    fit(DictRegression(manual), DataLoader(DictData(1e4), batch_size=16), [cb], max_steps=10, log_every_n_steps=50)
+    f = finding(cb, "label_scale")
+    assert f.step == 0 and "batch['target']" in f.message and "dict key 'target'" in f.message
+
+
+def test_exploding_network_with_small_labels_is_not_label_scale() -> None:
+    x, y = tabular()
+    cb = NormCheck(print_summary=False)
+    fit(LitModel(mlp(depth=4), lr=2.0), loader(TensorDataset(x, y)), [cb], max_steps=12, log_every_n_steps=50)
+    assert bad(cb.findings)  # the run does blow up ...
+    assert not [f for f in cb.findings if f.code in ("label_scale", "input_scale")]  # ... but not from data
+
+
+# --- gradient_spikes -------------------------------------------------------------------------------------------
+def corrupted(value: float, batches: tuple[int, ...] = (17, 40), n: int = 60 * 16) -> TensorDataset:
+    x, y = tabular(n)
+    for b in batches:
+        y[b * 16 + 3] = value  # one corrupted label in ~3% of the batches
+    return TensorDataset(x, y)
+
+
+def test_gradient_spikes_corrupted_label() -> None:
+    rec = NormRecorder()
+    cb = NormCheck(print_summary=False)
+    fit(LitModel(mlp(), lr=1e-2), loader(corrupted(1000.0)), [rec, cb], max_steps=60, log_every_n_steps=10)
+    f = finding(cb, "gradient_spikes")
+    assert f.severity == "warning" and f.step == 17 and f.count == 2
+    assert f.extra["steps"] == [17, 40] and f.extra["batches"] == ["epoch 0, batch 17", "epoch 0, batch 40"]
+    ratios = [independent_ratio(rec.totals, s) for s in (17, 40)]
+    assert all(r > 50 for r in ratios)
+    assert f.extra["factors"] == pytest.approx(ratios, rel=1e-3)
+    assert f"step 17 (epoch 0, batch 17, {ratios[0]:.3g}x" in f.message
+    assert "corrupted" in f.message and "gradient_clip_val=1.0" in f.message and "class weights" in f.message
+    others = [s for s in range(DD.SPIKE_MIN_HISTORY, 60) if s not in (17, 40)]
+    assert max(independent_ratio(rec.totals, s) for s in others) < DD.SPIKE_FACTOR
+    hint = finding(cb, "hygiene")
+    assert hint.severity == "info" and "No gradient clipping while the gradient norm spikes" in hint.message
+
+
+def test_gradient_spikes_standalone_monitor_with_clipping() -> None:
+    cb = GradientNormMonitor(print_summary=False)
+    fit(
+        LitModel(mlp(), lr=1e-2),
+        loader(corrupted(1000.0)),
+        [cb],
+        max_steps=45,
+        log_every_n_steps=10,
+        gradient_clip_val=20.0,
+    )
+    f = finding(cb, "gradient_spikes")
+    assert f.extra["steps"] == [17, 40] and "Clipping is on (gradient_clip_val=20" in f.message
+    assert not [h for h in cb.findings if h.code == "hygiene" and "No gradient clipping" in h.message]
+
+
+def rare_class_data(n_batches: int, bs: int = 8, rare: float = 0.01, seed: int = 1) -> tuple[TensorDataset, set[int]]:
+    g = torch.Generator().manual_seed(seed)
+    n = bs * n_batches
+    centers = torch.randn(4, 8, generator=g) * 3
+    y = torch.randint(0, 3, (n,), generator=g)
+    if rare > 0:
+        y[torch.rand(n, generator=g) < rare] = 3
+    else:
+        y = torch.randint(0, 4, (n,), generator=g)
+    x = centers[y] + 0.5 * torch.randn(n, 8, generator=g)
+    rare_batches = {int(i) // bs for i in torch.nonzero(y == 3).flatten()} if rare > 0 else set()
+    return TensorDataset(x, y), rare_batches
+
+
+def test_gradient_spikes_rare_class() -> None:
+    ds, rare_batches = rare_class_data(100)
+    rec = NormRecorder()
+    cb = GradientNormMonitor(print_summary=False)
+    fit(
+        LitModel(mlp(d_out=4), loss=nn.functional.cross_entropy, lr=0.2),
+        loader(ds, 8),
+        [rec, cb],
+        max_steps=100,
+        log_every_n_steps=10,
+    )
+    f = finding(cb, "gradient_spikes")
+    assert f.extra["steps"] and set(f.extra["steps"]) <= rare_batches  # every spike is a rare-class batch
+    for s, factor in zip(f.extra["steps"], f.extra["factors"]):
+        assert factor == pytest.approx(independent_ratio(rec.totals, s), rel=1e-3)
+
+
+@pytest.mark.parametrize("bs", [2, 8, 32])
+def test_clean_runs_have_no_spikes(bs: int) -> None:
+    steps = 60 if bs < 32 else 40
+    x, y = tabular(steps * bs)
+    rec = NormRecorder()
+    cb = GradientNormMonitor(print_summary=False)
+    fit(LitModel(mlp(), lr=1e-2), loader(TensorDataset(x, y), bs), [rec, cb], max_steps=steps, log_every_n_steps=10)
+    assert not [f for f in cb.findings if f.code == "gradient_spikes"]
+    assert max(independent_ratio(rec.totals, s) for s in range(DD.SPIKE_MIN_HISTORY, steps)) < DD.SPIKE_FACTOR
+
+
+def test_balanced_classes_small_batch_no_spikes() -> None:
+    ds, _ = rare_class_data(100, rare=0.0)
+    cb = GradientNormMonitor(print_summary=False)
+    fit(
+        LitModel(mlp(d_out=4), loss=nn.functional.cross_entropy, lr=0.2),
+        loader(ds, 8),
+        [cb],
+        max_steps=100,
+        log_every_n_steps=10,
+    )
+    assert not [f for f in cb.findings if f.code == "gradient_spikes"]
+
+
+def test_spike_history_steady_climb_is_not_a_spike() -> None:
+    h = DD.SpikeHistory()
+    climb = [(s, 1.3**s) for s in range(60)]  # exploding: never falls back
+    assert h.update(climb, lambda s: "") == [] and h.count == 0
+    h = DD.SpikeHistory()
+    series = [(s, 100.0 if s in (20, 33) else 1.0 + 0.1 * (s % 3)) for s in range(40)]
+    assert [sp.step for sp in h.update(series, lambda s: f"batch {s}")] == [20, 33]
+    assert h.spikes[0].factor == pytest.approx(100.0 / statistics.median([1.0 + 0.1 * (s % 3) for s in range(20)]))
+    h2 = DD.SpikeHistory()  # a spike in the last step is pending and survives a checkpoint
+    h.update([(40, 500.0)], lambda s: "")
+    h2.load_state_dict(h.state_dict())
+    assert [sp.step for sp in h2.update([(41, 1.0)], lambda s: "")] == [40]
+    assert h2.count == 3 and list(h2.window)[-1] == 1.0
+
+
+def test_spike_state_survives_resume(tmp_path: Any) -> None:
+    """A spike two steps after resuming is found: the running-median window came back with the checkpoint."""
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=25)
+    fit(
+        LitModel(mlp(), lr=1e-2),
+        loader(corrupted(0.0, batches=())),
+        [GradientNormMonitor(print_summary=False), ckpt],
+        max_steps=25,
+        log_every_n_steps=5,
+        enable_checkpointing=True,
+    )
+    # the plain DataLoader is not resumable: after resuming at step 25 it starts again from its batch 0, so
+    # its batch 2 is the one of global step 27 (Lightning keeps counting batch_idx from 25)
+    ds = corrupted(1000.0, batches=(2,))
+    cb = GradientNormMonitor(print_summary=False)
+    L.seed_everything(0, verbose=False)
+    t = L.Trainer(
+        accelerator="cpu",
+        max_steps=32,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=5,
+        callbacks=[cb],
+    )
+    t.fit(LitModel(mlp(), lr=1e-2), loader(ds), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert finding(cb, "gradient_spikes").extra["steps"] == [27]
+
+
+# --- hygiene -----------------------------------------------------------------------------------------------------
+def test_hygiene_clipping_on_most_steps() -> None:
+    x, y = tabular()
+    rec = NormRecorder()
+    cb = NormCheck(print_summary=False, activations=False, bugs=False)
+    fit(
+        LitModel(mlp(), lr=1e-2),
+        loader(TensorDataset(x, y)),
+        [rec, cb],
+        max_steps=20,
+        log_every_n_steps=5,
+        gradient_clip_val=0.05,
+    )
+    hint = finding(cb, "hygiene")
+    rate = sum(v > 0.05 for v in rec.totals) / len(rec.totals)
+    assert rate > DD.CLIP_MOST and f"acts on {100 * rate:.0f}% of the last 20 steps" in hint.message
+    assert "lower the LR" in hint.message and hint.severity == "info"
+
+
+def warmup_model(lr: float, warmup: bool) -> LitModel:
+    class M(LitModel):
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.AdamW(self.parameters(), lr=self.lr)
+            if not warmup:
+                return opt
+            sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=200)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return M(mlp(), lr=lr)
+
+
+@pytest.mark.parametrize(("lr", "warmup", "expected"), [(0.05, False, True), (0.05, True, False), (1e-3, False, False)])
+def test_hygiene_adam_warmup_hint(lr: float, warmup: bool, expected: bool) -> None:
+    x, y = tabular()
+    cb = NormCheck(print_summary=False, activations=False, bugs=False)
+    fit(warmup_model(lr, warmup), loader(TensorDataset(x, y)), [cb], max_steps=6, log_every_n_steps=50)
+    hints = [f for f in cb.findings if f.code == "hygiene" and "warm-up" in f.message]
+    assert bool(hints) == expected
+    if expected:
+        assert hints[0].severity == "info" and "AdamW runs at its full LR (0.05)" in hints[0].message
+
+
+# --- arguments ---------------------------------------------------------------------------------------------------
+def test_arguments_are_validated_and_data_can_be_switched_off() -> None:
+    with pytest.raises(ValueError, match="NormCheck: `spike_factor`"):
+        NormCheck(spike_factor=0.5)
+    with pytest.raises(TypeError, match="NormCheck: `data`"):
+        NormCheck(data="yes")  # type: ignore[arg-type]
+    names = [m.name for m in NormCheck()._monitors]
+    assert names[:2] == ["batch_scale", "gradient_spikes"]  # first: their findings precede the gradient diagnosis
+    assert "batch_scale" not in [m.name for m in NormCheck(data=False)._monitors]
+    assert "gradient_spikes" in [m.name for m in GradientNormMonitor()._monitors]
+    assert math.isclose(NormCheck(spike_factor=20)._monitors[1].factor, 20.0)
