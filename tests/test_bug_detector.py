@@ -310,6 +310,67 @@ def test_manual_accumulation_not_averaged_and_averaged() -> None:
     assert bad(healthy.findings) == []
 
 
+class ChunkAccumulation(LitModel):
+    """Manual accumulation inside one training_step: k chunks of the batch, one backward each."""
+
+    def __init__(self, divide: bool, two_losses: bool = False) -> None:
+        super().__init__(mlp())
+        self.automatic_optimization = False
+        self.divide, self.two_losses = divide, two_losses
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        x, y = batch
+        opt.zero_grad()
+        if self.two_losses:  # two different objectives backpropagated one after the other: not accumulation
+            out = self(x)
+            self.manual_backward(F.mse_loss(out, y), retain_graph=True)
+            self.manual_backward(out.abs().mean() * 1e-3)
+        else:
+            for xc, yc in zip(x.chunk(4), y.chunk(4)):
+                loss = F.mse_loss(self(xc), yc)
+                self.manual_backward(loss / 4 if self.divide else loss)
+        opt.step()
+
+
+def test_accumulation_inside_one_training_step() -> None:
+    buggy = detector()
+    fit(ChunkAccumulation(divide=False), loader(regression_data()), [buggy], max_steps=4)
+    f = finding(buggy, "accumulation_not_averaged")
+    assert "k=4" in f.message and "parts of one batch" in f.message
+    for kwargs in ({"divide": True}, {"divide": False, "two_losses": True}):
+        healthy = detector()
+        fit(ChunkAccumulation(**kwargs), loader(regression_data()), [healthy], max_steps=4)
+        assert bad(healthy.findings) == [], kwargs
+
+
+class ManualLBFGS(LitModel):
+    def __init__(self) -> None:
+        super().__init__(mlp())
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        x, y = batch
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.mse_loss(self(x), y)
+            self.manual_backward(loss)
+            return loss
+
+        opt.step(closure=closure)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
+
+
+def test_healthy_manual_lbfgs_closure() -> None:
+    cb = detector()
+    fit(ManualLBFGS(), loader(regression_data()), [cb], max_steps=4)
+    assert bad(cb.findings) == []
+
+
 # hidden_state_not_detached ---------------------------------------------------------------------------------------
 def sequence_data(n: int = 64, t: int = 6, d: int = 4) -> torch.utils.data.TensorDataset:
     g = torch.Generator().manual_seed(0)

@@ -30,7 +30,7 @@ class _Window:
         self.observed = observed  # zero_grad check on (a sampled step)
         self.min_sq: Tensor | None = None  # smallest watched-gradient square norm seen before a backward
         self.events = 0
-        self.bwd: dict[int, tuple[int, float | None]] = {}  # backward id -> (batch, loss scale factor)
+        self.bwd: dict[int, tuple[int, float | None, tuple[str, ...]]] = {}  # id -> (batch, loss scale, graph)
         self.raw_bwd = False  # a backward not made through Lightning (no loss seen)
         self.used_sq = used_sq  # square norm of the watched gradients the previous step used
         self.opened_at = opened_at  # the previous step
@@ -76,7 +76,8 @@ class _TrainingBugs(_Monitor):
         self._batch: Any = None
         self._batch_idx = 0
         self._bwd_id = 0
-        self._bwd: tuple[int, int, float | None] | None = None  # (id, batch, loss scale) during a backward
+        # (id, batch, loss scale, loss graph signature) during a backward made through Lightning
+        self._bwd: tuple[int, int, float | None, tuple[str, ...]] | None = None
         self._marker_leaf: Tensor | None = None
         self._markers: list[tuple[int, int]] = []  # (batch, autograd sequence number at its start)
         self._stale: list[str] = []
@@ -126,12 +127,12 @@ class _TrainingBugs(_Monitor):
             if self._bwd is None:
                 win.raw_bwd = True
             else:
-                bid, batch, scale = self._bwd
+                bid, batch, scale, sig = self._bwd
                 if p.grad is None:
                     # a cleared gradient (zero_grad(set_to_none=True)) starts a new accumulation
                     win.bwd = {}
                     win.raw_bwd = False
-                win.bwd.setdefault(bid, (batch, scale))
+                win.bwd.setdefault(bid, (batch, scale, sig))
             if win.observed:
                 sq = torch.zeros((), device=grad.device) if p.grad is None else N.sum_of_squares(p.grad)
                 win.min_sq = sq if win.min_sq is None else torch.minimum(win.min_sq, sq)
@@ -181,9 +182,12 @@ class _TrainingBugs(_Monitor):
         win = w.window
         bwd = list(win.bwd.values())
         k = len(bwd)
-        batches = {b for b, _ in bwd}
-        factors = [f for _, f in bwd]
-        if win.raw_bwd or k < 2 or len(batches) != k or any(f is None for f in factors):
+        batches = {b for b, _, _ in bwd}
+        factors = [f for _, f, _ in bwd]
+        # micro-batches: one backward per batch, or the same loss computation repeated within a batch (two
+        # different losses backpropagated one after the other are a sum of objectives, not accumulation)
+        same_loss = len({g for _, _, g in bwd}) == 1
+        if win.raw_bwd or k < 2 or not (len(batches) == k or same_loss) or any(f is None for f in factors):
             w.accum = []
             return
         top = max(f for f in factors if f is not None)
@@ -194,7 +198,9 @@ class _TrainingBugs(_Monitor):
             w.accum = []
         w.accum.append((step, k, top))
         if len(w.accum) >= B.ACCUM_WINDOWS:
-            B.report_accumulation(run.findings, w.accum[0][0], w.label, k, top, [s for s, _, _ in w.accum])
+            B.report_accumulation(
+                run.findings, w.accum[0][0], w.label, k, top, [s for s, _, _ in w.accum], len(batches) == k
+            )
 
     def _rnn_pre_hook(self, run: _Run, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -251,7 +257,8 @@ class _TrainingBugs(_Monitor):
     def on_before_backward(self, run: _Run, loss: Tensor) -> None:
         self._bwd_id += 1
         scale = B.loss_scale_factor(loss.grad_fn) if self._manual else None
-        self._bwd = (self._bwd_id, self.batches - 1, scale)
+        sig = B.graph_signature(loss.grad_fn) if self._manual else ()
+        self._bwd = (self._bwd_id, self.batches - 1, scale, sig)
 
     def on_after_backward(self, run: _Run) -> None:
         self._bwd = None

@@ -140,6 +140,22 @@ def loss_scale_factor(grad_fn: Any, max_nodes: int = 64) -> float | None:
     return None if factor is None else abs(factor)
 
 
+def graph_signature(grad_fn: Any, max_nodes: int = 24) -> tuple[str, ...]:
+    """The node types of the first ``max_nodes`` nodes of a loss's graph (depth first): the same loss code
+    run on two micro-batches gives the same signature, two different losses usually do not."""
+    out: list[str] = []
+    stack = [grad_fn]
+    seen: set[int] = set()
+    while stack and len(out) < max_nodes:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        out.append(type(node).__name__)
+        stack.extend(n for n, _ in reversed(getattr(node, "next_functions", ())))
+    return tuple(out)
+
+
 def _leading_size(batch: Any) -> int | None:
     """The leading (batch) size of the first tensor with at least one dimension."""
     if isinstance(batch, Tensor):
@@ -368,7 +384,7 @@ def report_double_step(
 
 
 def report_accumulation(
-    findings: FindingLog, step: int, optimizer: str, k: int, factor: float, steps: list[int]
+    findings: FindingLog, step: int, optimizer: str, k: int, factor: float, steps: list[int], per_batch: bool = True
 ) -> None:
     """Report manual gradient accumulation over ``k`` micro-batches without dividing the loss by ``k``.
 
@@ -379,6 +395,7 @@ def report_accumulation(
         k: micro-batches (backward passes in separate batches) per optimizer step.
         factor: the constant factor found on the losses given to ``manual_backward``.
         steps: the optimizer steps of the windows checked.
+        per_batch: one micro-batch per training batch (else several inside one ``training_step``).
     """
     findings.report(
         "accumulation_not_averaged",
@@ -386,8 +403,8 @@ def report_accumulation(
         step,
         None,
         f"manual gradient accumulation is not averaged ({optimizer}): each optimizer step (steps"
-        f" {', '.join(map(str, steps))}) sums the gradients of k={k} micro-batches (one `manual_backward` per"
-        f" batch), but the losses given to `manual_backward` carry a factor of {factor:.3g}, not 1/{k} ="
+        f" {', '.join(map(str, steps))}) sums the gradients of k={k} micro-batches (k `manual_backward` calls"
+        f" between steps, {'one per batch' if per_batch else 'the same loss on parts of one batch'}), but the losses given to `manual_backward` carry a factor of {factor:.3g}, not 1/{k} ="
         f" {1 / k:.3g}. The accumulated gradient is {k}x the large-batch gradient, so the effective learning"
         f" rate grows with k. What to try: `self.manual_backward(loss / {k})` (or divide the loss by the number"
         " of accumulated micro-batches), or lower the learning rate by the same factor.",
@@ -490,6 +507,7 @@ def explain_graph_exception(
 __all__ = [
     "diagnose_reduction",
     "explain_graph_exception",
+    "graph_signature",
     "loss_scale_factor",
     "reduction_verdict",
     "report_accumulation",
