@@ -122,6 +122,47 @@ def test_input_scale_tiny_std_column() -> None:
     assert f"{100 * near_zero:.0f}% of its values are near 0" in f.message
 
 
+def test_input_scale_nan_feature_is_an_error() -> None:
+    x, y = tabular()
+    x[5, 6] = float("nan")  # a missing value left as NaN, in the first batch
+    cb = NormCheck(print_summary=False)
+    fit(LitModel(mlp(), lr=1e-3), loader(TensorDataset(x, y)), [cb], max_steps=3, log_every_n_steps=50)
+    f = finding(cb, "input_scale")
+    assert f.severity == "error" and f.step == 0 and "column 6 of batch[0]" in f.message and "impute" in f.message
+
+
+def test_raw_features_behind_a_first_batchnorm_are_info_only() -> None:
+    x, y = tabular()
+    x[:, 2] = x[:, 2] * 1500.0 + 4000.0
+    net = nn.Sequential(nn.BatchNorm1d(8), mlp())
+    cb = NormCheck(print_summary=False)
+    fit(LitModel(net, lr=1e-3, optimizer="adam"), loader(TensorDataset(x, y)), [cb], max_steps=4, log_every_n_steps=50)
+    f = finding(cb, "input_scale")
+    assert f.severity == "info" and "net.0 (BatchNorm1d)" in f.message and "column 2" in f.message
+
+
+@pytest.mark.parametrize("shape", [(16, 5), (4, 6, 5), (2, 5, 3, 4)])
+def test_feature_stats_match_an_independent_computation(shape: tuple[int, ...]) -> None:
+    from lightning_normcheck.callbacks._signals import _input_stats
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    axis = 1 if len(shape) != 3 else 2
+    scale = torch.tensor([1.0, 3e3, 0.5, 40.0, 2e4], dtype=torch.float64)
+    view = [1] * len(shape)
+    view[axis] = 5
+    x = x * scale.reshape(view)
+    cols = x.movedim(axis, -1).reshape(-1, 5).numpy()  # feature columns, the plain way
+    stats = _input_stats(x.float(), 1e3)
+    order = sorted(range(5), key=lambda j: -abs(cols[:, j]).max())[:3]
+    assert stats["idx"].tolist() == order
+    for i, j in enumerate(order):
+        assert stats["max_abs"][i].item() == pytest.approx(abs(cols[:, j]).max(), rel=1e-5)
+        assert stats["std"][i].item() == pytest.approx(cols[:, j].std(), rel=1e-4)
+        assert stats["mean"][i].item() == pytest.approx(cols[:, j].mean(), rel=1e-4, abs=1e-3)
+    assert stats["n_above"].item() == 2
+
+
 def test_healthy_tabular_constant_column_handled_labels_in_tens_is_silent() -> None:
     x, y = tabular()
     raw_const = torch.full((x.shape[0],), 7.0)

@@ -97,7 +97,7 @@ class InputScale:
         n_features: how many features the tensor has.
         top: the features with the largest max |x|, largest first.
         n_above: how many features exceed :data:`INPUT_SCALE`.
-        nonfinite: how many entries are NaN or inf.
+        nonfinite: how many features hold a NaN or inf.
         min: the smallest value of the whole tensor.
         ndim: the tensor's number of dimensions.
     """
@@ -139,8 +139,8 @@ def diagnose_inputs(
                 "error",
                 step,
                 None,
-                f"{inp.tensor} holds {inp.nonfinite} non-finite value(s) at step {step} (first in {where}: max |x| "
-                f"{_g(top.max_abs)}). Likely causes: missing values left as NaN, a division by a zero std "
+                f"{inp.tensor} has NaN/inf values in {inp.nonfinite} {inp.axis}(s) at step {step} (first: {where}, "
+                f"max |x| {_g(top.max_abs)}). Likely causes: missing values left as NaN, a division by a zero std "
                 "during standardization, a log of zero. Fix: impute missing values, standardize with a "
                 "clamped std (std.clamp_min(1e-6)) or drop the constant column.",
                 value=top.max_abs,
