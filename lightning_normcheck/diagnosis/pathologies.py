@@ -39,14 +39,14 @@ class Thresholds:
     """Every threshold of the pathology checks, with where its default comes from."""
 
     # -- activations (judged over Linear/Conv outputs in execution order, plus the model input) ------
-    #: A layer-to-layer RMS ratio beyond this counts as a step of a geometric trend. Kaiming-initialized
-    #: nets measure 0.8-1.25 per layer; 1.3 leaves room for noise and still compounds to 14x over 10 layers.
+    #: Mean layer-to-layer RMS ratio of a geometric trend (the RMS must also never reverse along it).
+    #: Kaiming-initialized nets measure 0.8-1.25 per layer; 1.3 compounds to 14x over 10 layers.
     act_step_ratio: float = 1.3
     #: Layers of one trend needed (3 ratios): one odd layer (a projection, the output head) is no trend.
     act_min_layers: int = 4
-    #: Total RMS change along the trend: 100x is two orders of magnitude, far beyond the ~10x that a
-    #: default-init (gain 0.58) ReLU MLP with biases settles at, and the ~3x of healthy nets.
-    act_total_ratio: float = 100.0
+    #: Total RMS change along the trend: 50x, 5x beyond the ~10x that a default-init (gain 0.58) ReLU MLP
+    #: with biases settles at, and far beyond the ~3x of healthy nets; a gain 1.8x too high over 6 layers.
+    act_total_ratio: float = 50.0
     #: A layer's RMS vs its own first sample, with the input RMS steady: 100x over training is a drift,
     #: not learning (healthy runs measured under 5x in their first 40 steps).
     act_time_ratio: float = 100.0
@@ -59,7 +59,7 @@ class Thresholds:
     grad_depth_samples: int = 2
     #: Steps of per-step total norms over which growth is judged (at most), and at least.
     grad_window: int = 10
-    grad_min_steps: int = 5
+    grad_min_steps: int = 4
     #: Total-norm growth over that window: 100x. Healthy runs start high (up to ~80) and fall; the
     #: step-0 norm is no reference, the window's minimum is.
     grad_growth: float = 100.0
@@ -81,8 +81,9 @@ class Thresholds:
     saturated_error: float = 0.9
 
     # -- clipping ----------------------------------------------------------------------------------------
-    #: Minimum optimizer steps in the clip window before judging (so early, the first 20 steps).
-    clip_min_steps: int = 20
+    #: Minimum optimizer steps in the clip window before judging: 16 fits the dense early sampling
+    #: (flushes up to step 18) and is past the ~10 steps a healthy step-0 gradient peak takes to fall.
+    clip_min_steps: int = 16
     #: Mean pre-clip norm / threshold on clipped steps below which frequent clipping is only info: under
     #: 2x it shrinks updates by less than half, a mild LR change (healthy clipped runs measured ~1.7x).
     clip_warn_excess: float = 2.0
@@ -420,23 +421,29 @@ def _gradient_growth(
 # activations
 # ---------------------------------------------------------------------------------------------------------
 def _trend_segments(chain: list[tuple[str, float]], th: Thresholds) -> tuple[str, int, int, float] | None:
-    """The strongest run of consecutive same-direction RMS changes along ``chain``, if it is a trend."""
+    """The strongest geometric trend along ``chain``: a run of 4+ layers whose RMS never reverses, changes
+    by at least ``act_step_ratio`` per layer on average and by ``act_total_ratio`` in all."""
+    logs = [math.log(v) for _, v in chain]
     best: tuple[str, int, int, float] | None = None
-    for direction in ("up", "down"):
+    n = len(chain)
+    min_span = th.act_min_layers - 1
+    step_log = math.log(th.act_step_ratio)
+    total_log = math.log(th.act_total_ratio)
+    for direction, sign in (("up", 1.0), ("down", -1.0)):
         i = 0
-        while i < len(chain) - 1:
-            j = i
-            while j < len(chain) - 1:
-                r = chain[j + 1][1] / chain[j][1]
-                ok = r >= th.act_step_ratio if direction == "up" else r <= 1.0 / th.act_step_ratio
-                if not ok:
-                    break
+        while i < n - 1:
+            j = i  # extend while the RMS does not reverse direction
+            while j < n - 1 and sign * (logs[j + 1] - logs[j]) >= 0.0:
                 j += 1
-            if j - i + 1 >= th.act_min_layers:
-                total = chain[j][1] / chain[i][1]
-                strong = total >= th.act_total_ratio if direction == "up" else total <= 1.0 / th.act_total_ratio
-                if strong and (best is None or abs(math.log(total)) > abs(math.log(best[3]))):
-                    best = (direction, i, j, total)
+            # the strongest sub-run of [i, j] that is steep enough on average
+            for a in range(i, j - min_span + 1):
+                for b in range(j, a + min_span - 1, -1):
+                    change = sign * (logs[b] - logs[a])
+                    if change < total_log or change < step_log * (b - a):
+                        continue
+                    if best is None or change > abs(math.log(best[3])):
+                        best = (direction, a, b, math.exp(sign * change))
+                    break
             i = max(j, i + 1)
     return best
 
@@ -536,7 +543,7 @@ def _activation_depth(
             layer,
             f"activation RMS {grow} geometrically with depth {where}: {shown} ({_fmt(total)}x over"
             f" {j - i} layers, about {per_layer:.2f}x per layer; threshold {_fmt(th.act_total_ratio)}x over"
-            f" {th.act_min_layers}+ layers, each step beyond {th.act_step_ratio}x). Largest change ends at"
+            f" {th.act_min_layers}+ layers at {th.act_step_ratio}x+ per layer). Largest change ends at"
             f" `{layer}`.{init} Likely causes, most likely first: {causes}. What to try: {fix}.",
             value=total,
             at_init=at_init,
@@ -823,8 +830,9 @@ def explain_exception(findings: FindingLog, exception: BaseException, step: int)
             "error",
             step,
             None,
-            f"training raised {text} at step {step}, which points to a non-finite value (NaN/inf). It was not"
-            " seen on a sampled step before the exception. Likely causes, most likely first: learning rate too"
+            f"training raised {text} at step {step}, which points to a non-finite value (NaN/inf). No"
+            " non-finite loss, gradient or activation had been measured before (the exception came before"
+            " backward, or on a step that was not sampled). Likely causes, most likely first: learning rate too"
             " high, init std too large, a log/sqrt/division of 0 in the loss, fp16 overflow. What to try: lower"
             " the LR or add warmup, clip gradients (gradient_clip_val=1.0), add an eps, and run with"
             " Trainer(detect_anomaly=True) to find the op.",
