@@ -1,0 +1,601 @@
+"""Training-step overhead of the lightning_normcheck callbacks against Lightning's own recipe and naive hooks.
+
+Run from the repository root (one command; ``--quick`` for a short smoke run)::
+
+    python benchmarks/overhead.py            # full: ~25 min on a 2-core CPU
+    python benchmarks/overhead.py --quick    # ~3 min, noisier
+
+What is timed: the steady-state time of a training step (``on_train_batch_start`` of step ``warmup`` to
+``on_train_batch_start`` of step ``warmup + window``, so data fetch, forward, backward, clipping, the optimizer
+step, every callback hook and the logger are all inside), on a real ``lightning.Trainer`` with a
+``TensorBoardLogger``. The window is a whole number of logging periods, so logging steps count in proportion.
+The first steps (where NormCheck samples densely) are left out by the warm-up. Configurations run interleaved
+(a baseline run without callback after every few configurations, the order rotated each repeat) and each
+configuration's time is divided by the mean of the two nearest baseline runs. The table gives the median of
+those ratios over the repeats and their spread (lowest and highest).
+
+Writes ``benchmarks/RESULTS.md`` (tables + goal checks), ``benchmarks/results.json`` (every raw time) and
+``benchmarks/overhead.png`` (when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_normcheck import (
+    ActivationNormMonitor,
+    ClipRateTracker,
+    GradientNormMonitor,
+    NormCheck,
+    TrainingBugDetector,
+    WeightDriftMonitor,
+)
+
+HERE = Path(__file__).resolve().parent
+#: Every run clips (so ClipRateTracker has work); a safety-net value above the healthy gradient norms here.
+CLIP = 20.0
+warnings.filterwarnings("ignore")
+for _name in ("lightning.pytorch", "lightning.fabric", "lightning_normcheck"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+# models ------------------------------------------------------------------------------------------------------
+class Transformer(nn.Module):
+    """6-layer pre-norm transformer encoder, d_model=128, 4 heads, feed-forward 512, on (batch, 32, 128)."""
+
+    def __init__(self, d: int = 128, layers: int = 6) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class ResMLP(nn.Module):
+    """16 pre-norm residual blocks of width 256 (LayerNorm, Linear, ReLU, Linear), final LayerNorm, head."""
+
+    def __init__(self, width: int = 256, blocks: int = 16) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[ResBlock(width) for _ in range(blocks)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(self.blocks(x)))
+
+
+class SmallBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, width)
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.act(self.fc(self.norm(x)))
+
+
+class Stack450(nn.Module):
+    """150 residual blocks of (LayerNorm, Linear, ReLU) at width 32 (450 small layers), final LayerNorm, head."""
+
+    def __init__(self, width: int = 32, blocks: int = 150) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[SmallBlock(width) for _ in range(blocks)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(self.blocks(x)))
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    title: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+
+
+MODELS: dict[str, ModelSpec] = {
+    "transformer": ModelSpec("transformer", "6-layer transformer (d=128)", Transformer, (16, 32, 128)),
+    "resmlp": ModelSpec("resmlp", "16-block residual MLP (width 256)", ResMLP, (64, 256)),
+    "stack450": ModelSpec("stack450", "450-module stack of small layers", Stack450, (32, 32)),
+}
+
+
+class Batches(Dataset):
+    """A few fixed batches, cycled (no collate cost in the timed loop)."""
+
+    def __init__(self, shape: tuple[int, ...], length: int, distinct: int = 8) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.data = [(torch.randn(*shape, generator=g), torch.randn(shape[0], 1, generator=g)) for _ in range(distinct)]
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.data[i % len(self.data)]
+
+
+class LitBench(L.LightningModule):
+    """A plain regression LightningModule (AdamW, logs its loss) that can run Lightning's grad_norm recipe."""
+
+    def __init__(self, net: nn.Module, recipe: str | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.recipe = recipe  # None, "every_step" or "cadence"
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning's documented recipe (docs "Track and Visualize Experiments" / utilities.grads.grad_norm)
+        if self.recipe is None:
+            return
+        if self.recipe == "cadence" and self.trainer.global_step % self.trainer.log_every_n_steps != 0:
+            return
+        self.log_dict(grad_norm(self, norm_type=2))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+
+# naive anchors ----------------------------------------------------------------------------------------------
+class NaiveItemLoop(Callback):
+    """Per-parameter ``p.grad.norm().item()`` every step; one ``log_metrics`` call at the logging cadence."""
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        norms = {
+            f"naive/grad_norm/{n}": p.grad.norm().item() for n, p in pl_module.named_parameters() if p.grad is not None
+        }
+        if trainer.global_step % trainer.log_every_n_steps == 0 and trainer.logger is not None:
+            trainer.logger.log_metrics(norms, step=trainer.global_step)
+
+
+class NaiveForwardHooks(Callback):
+    """A forward hook on every leaf module, always attached, computing the output norm on every call."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+        self.norms: list[Tensor] = []
+        self.names: list[str] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for name, m in pl_module.named_modules():
+            if name and not any(True for _ in m.children()):
+                self.names.append(name)
+                self.handles.append(m.register_forward_hook(self._hook))
+
+    @torch.no_grad()
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if isinstance(output, Tensor):
+            self.norms.append(output.detach().norm())
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step % trainer.log_every_n_steps == 0 and trainer.logger is not None and self.norms:
+            values = torch.stack(self.norms).tolist()
+            trainer.logger.log_metrics({f"naive/act_norm/{i}": v for i, v in enumerate(values)}, trainer.global_step)
+        self.norms = []
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# configurations ---------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    name: str
+    label: str
+    make: Callable[[], list[Callback]]
+    recipe: str | None = None
+    cadences: tuple[int, ...] = (50, 1)  # 1: runs at log_every_n_steps=1; 50: runs at any other cadence
+    kind: str = "normcheck"  # "normcheck" or "anchor"
+
+    def runs_at(self, cadence: int) -> bool:
+        return (1 if cadence == 1 else 50) in self.cadences
+
+
+def _quiet(cls: type, **kw: Any) -> Callable[[], list[Callback]]:
+    return lambda: [cls(print_summary=False, **kw)]
+
+
+CONFIGS: list[Config] = [
+    Config("none", "no callback", lambda: [], kind="baseline"),
+    Config("normcheck", "NormCheck() defaults", _quiet(NormCheck)),
+    Config("gradient", "GradientNormMonitor()", _quiet(GradientNormMonitor)),
+    Config("activation", "ActivationNormMonitor()", _quiet(ActivationNormMonitor)),
+    Config("weight", "WeightDriftMonitor()", _quiet(WeightDriftMonitor)),
+    Config("clip", "ClipRateTracker()", _quiet(ClipRateTracker)),
+    Config("bugs", "TrainingBugDetector()", _quiet(TrainingBugDetector)),
+    Config(
+        "gradient_every_step",
+        "GradientNormMonitor(log_every_n_steps=1): every layer, every step",
+        _quiet(GradientNormMonitor, log_every_n_steps=1),
+        cadences=(50,),  # at log_every_n_steps=1 this is GradientNormMonitor()
+    ),
+    Config("pl_every_step", "Lightning grad_norm + log_dict, every step", lambda: [], "every_step", kind="anchor"),
+    Config(
+        "pl_cadence",
+        "Lightning grad_norm + log_dict, every log_every_n_steps",
+        lambda: [],
+        "cadence",
+        cadences=(50,),  # at log_every_n_steps=1 this is the every-step recipe
+        kind="anchor",
+    ),
+    Config("naive_item", "naive per-parameter .item() loop, every step", lambda: [NaiveItemLoop()], kind="anchor"),
+    Config("naive_hooks", "naive forward hooks, norm on every call", lambda: [NaiveForwardHooks()], kind="anchor"),
+]
+BY_NAME = {c.name: c for c in CONFIGS}
+
+
+class StepTimer(Callback):
+    """Time from the start of step ``warmup`` to the start of step ``warmup + window`` (the first callback).
+
+    Keeps both the wall-clock time and the CPU time of the training thread (``time.thread_time``): on a machine
+    shared with other processes the thread's CPU time is not inflated by the time it waits for a core.
+    """
+
+    def __init__(self, warmup: int, window: int) -> None:
+        self.warmup, self.window = warmup, window
+        self.wall0 = self.wall1 = self.cpu0 = self.cpu1 = 0.0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self.warmup:
+            self.wall0, self.cpu0 = time.perf_counter(), time.thread_time()
+        elif step == self.warmup + self.window:
+            self.wall1, self.cpu1 = time.perf_counter(), time.thread_time()
+
+    def per_step(self, clock: str) -> float:
+        if self.wall1 <= self.wall0:
+            raise RuntimeError("the timing window did not complete")
+        if clock == "cpu":
+            return (self.cpu1 - self.cpu0) / self.window
+        return (self.wall1 - self.wall0) / self.window
+
+
+def run_once(spec: ModelSpec, config: Config, cadence: int, warmup: int, window: int, logdir: str) -> dict[str, float]:
+    """One fit; returns the steady-state seconds per training step, by wall clock and by thread CPU time."""
+    torch.manual_seed(0)
+    model = LitBench(spec.build(), recipe=config.recipe)
+    timer = StepTimer(warmup, window)
+    steps = warmup + window + 1
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        max_epochs=1,
+        logger=TensorBoardLogger(logdir, name=f"{spec.name}_{config.name}_{cadence}"),
+        log_every_n_steps=cadence,
+        gradient_clip_val=CLIP,
+        callbacks=[timer, *config.make()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    loader = DataLoader(Batches(spec.input_shape, steps), batch_size=None, num_workers=0)
+    trainer.fit(model, loader)
+    return {"wall": timer.per_step("wall"), "cpu": timer.per_step("cpu")}
+
+
+CLOCKS = ("cpu", "wall")
+
+
+@dataclass
+class Cell:
+    times: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+
+
+def schedule(names: list[str], repeat: int, baseline_every: int) -> list[str]:
+    """Rotated order with a baseline run before, between every few, and after the configurations."""
+    k = repeat % len(names)
+    order = names[k:] + names[:k]
+    out = ["none"]
+    for i, n in enumerate(order):
+        out.append(n)
+        if (i + 1) % baseline_every == 0 or i == len(order) - 1:
+            out.append("none")
+    return out
+
+
+def measure(
+    spec: ModelSpec, cadence: int, names: list[str], repeats: int, warmup: int, window: int, logdir: str
+) -> dict[str, dict[str, Cell]]:
+    """Interleaved, repeated runs; ``{config: {clock: Cell}}`` with ratios to the neighbouring baselines."""
+    cells = {n: {c: Cell() for c in CLOCKS} for n in ["none", *names]}
+    for r in range(repeats):
+        seq = schedule(names, r, baseline_every=3)
+        times: list[dict[str, float]] = []
+        for n in seq:
+            t = run_once(spec, BY_NAME[n], cadence, warmup, window, logdir)
+            times.append(t)
+            for c in CLOCKS:
+                cells[n][c].times.append(t[c])
+            print(
+                f"  [{spec.name} every={cadence} rep={r}] {n:20s} cpu {t['cpu'] * 1e3:8.2f} ms/step, "
+                f"wall {t['wall'] * 1e3:8.2f} ms/step",
+                flush=True,
+            )
+        base_pos = [i for i, n in enumerate(seq) if n == "none"]
+        for i, n in enumerate(seq):
+            if n == "none":
+                continue
+            before = max(p for p in base_pos if p < i)
+            after = min(p for p in base_pos if p > i)
+            for c in CLOCKS:
+                base = (times[before][c] + times[after][c]) / 2
+                cells[n][c].ratios.append(times[i][c] / base)
+    for c in CLOCKS:
+        base = statistics.median(cells["none"][c].times)
+        cells["none"][c].ratios = [t / base for t in cells["none"][c].times]
+    return cells
+
+
+# reporting -------------------------------------------------------------------------------------------------
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def fmt_ratio(cell: dict[str, list[float]] | None) -> str:
+    if not cell or not cell["ratios"]:
+        return "n/a"
+    r = cell["ratios"]
+    return f"{med(r):.3f}x ({min(r):.3f}-{max(r):.3f})"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import lightning
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores shared with other work, torch {torch.__version__} with "
+        f"torch.set_num_threads(1), lightning {lightning.__version__}, Python {platform.python_version()}; no GPU"
+    )
+
+
+def table(results: dict[str, Any], cadence: int, clock: str) -> list[str]:
+    models = [m for m in results["models"] if str(cadence) in results["cells"][m]]
+    lines = ["| configuration | " + " | ".join(MODELS[m].title for m in models) + " |"]
+    lines.append("|---|" + "---|" * len(models))
+    row = ["no callback (time per step)"]
+    for m in models:
+        row.append(f"{med(results['cells'][m][str(cadence)]['none'][clock]['times']) * 1e3:.2f} ms")
+    lines.append("| " + " | ".join(row) + " |")
+    for cfg in CONFIGS[1:]:
+        if not cfg.runs_at(cadence):
+            continue
+        row = [cfg.label]
+        for m in models:
+            c = results["cells"][m][str(cadence)].get(cfg.name)
+            row.append(fmt_ratio(c[clock] if c else None))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> str:
+    clock = args.clock
+    other = "wall" if clock == "cpu" else "cpu"
+    names = {"cpu": "CPU time of the training thread", "wall": "wall-clock time"}
+    lines = ["# lightning_normcheck overhead benchmark", ""]
+    lines.append(f"Machine: {results['machine']}.")
+    lines.append("")
+    lines.append(
+        f"Command: `{results['command']}` ({args.repeats} interleaved repeats; steady state over {args.window} "
+        f"steps after {args.warmup} warm-up steps, {args.window1} after {args.warmup1} at log_every_n_steps=1; "
+        f"{results['seconds'] / 60:.0f} min). Every run: `lightning.Trainer` on CPU, `TensorBoardLogger`, "
+        f"`gradient_clip_val={CLIP}`, AdamW, the model logs its loss with `self.log` every step."
+    )
+    lines.append("")
+    lines.append(
+        f"Cells: median ratio of the {names[clock]} per training step to the same run without any callback "
+        "(lowest-highest over the repeats, each against its neighbouring baseline runs); the first row gives "
+        "the time per step without callback."
+    )
+    for cadence in results["cadences"]:
+        lines += ["", f"## Trainer(log_every_n_steps={cadence}), {names[clock]}", ""]
+        lines += table(results, cadence, clock)
+    lines += ["", f"## Same runs, {names[other]}", ""]
+    for cadence in results["cadences"]:
+        lines += ["", f"Trainer(log_every_n_steps={cadence}):", ""]
+        lines += table(results, cadence, other)
+    lines += ["", "## Goals", ""]
+    lines += [f"- {g}" for g in results["goals"]]
+    lines += [
+        "- No host sync on steps that log nothing: checked by `tests/test_no_sync.py` (counts `.item()`, "
+        "`.tolist()`, `.cpu()`, `.numpy()`, `bool()`, `float()`, `int()` on tensors from lightning_normcheck code).",
+        "",
+        "Memory (peak and steady, 5,000 steps): see `benchmarks/memory_soak.py`.",
+        "",
+        "GPU: none was available in the session that produced these numbers; all timings are CPU.",
+        "",
+        "![overhead](overhead.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def goals(results: dict[str, Any], clock: str) -> list[str]:
+    out = []
+    default = str(next((c for c in results["cadences"] if c != 1), 50))
+    limits = {"transformer": 1.02, "resmlp": 1.02, "stack450": 1.05}
+    for m, limit in limits.items():
+        cell = results["cells"].get(m, {}).get(default, {}).get("normcheck")
+        if not cell:
+            continue
+        r = med(cell[clock]["ratios"])
+        verdict = "holds" if r <= limit else "MISSED"
+        out.append(
+            f"NormCheck() defaults on the {MODELS[m].title} (log_every_n_steps={default}): {r:.3f}x "
+            f"(goal <= {limit:.2f}x): {verdict}"
+        )
+    for m in results["models"]:
+        for cadence, ours_name in (("1", "gradient"), (default, "gradient_every_step")):
+            cells = results["cells"][m].get(cadence, {})
+            ours, theirs = cells.get(ours_name), cells.get("pl_every_step")
+            if not ours or not theirs:
+                continue
+            o, t = med(ours[clock]["ratios"]) - 1, med(theirs[clock]["ratios"]) - 1
+            verdict = "holds" if o <= t / 5 else "MISSED"
+            out.append(
+                f"Per-layer gradient norms of every layer at every step on the {MODELS[m].title} "
+                f"(log_every_n_steps={cadence}): overhead {o * 100:+.1f}% vs {t * 100:+.1f}% for Lightning's "
+                f"grad_norm + log_dict every step (goal <= 1/5 of it, {t * 20:.1f}%): {verdict}"
+            )
+    return out
+
+
+def plot(results: dict[str, Any], path: Path, clock: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
+    cadences = [str(c) for c in results["cadences"]]
+    models = results["models"]
+    fig, axes = plt.subplots(
+        len(cadences), len(models), figsize=(5.2 * len(models), 4.2 * len(cadences)), squeeze=False
+    )
+    for row, cadence in enumerate(cadences):
+        names = [c for c in CONFIGS[1:] if c.runs_at(int(cadence))]
+        for col, m in enumerate(models):
+            ax = axes[row][col]
+            cells = results["cells"][m].get(cadence, {})
+            ys = list(range(len(names)))
+            meds, lo, hi = [], [], []
+            for c in names:
+                rs = cells[c.name][clock]["ratios"] if c.name in cells else []
+                mid = med(rs) if rs else 1.0
+                meds.append(mid)
+                lo.append(mid - min(rs) if rs else 0.0)
+                hi.append(max(rs) - mid if rs else 0.0)
+            colors = ["tab:blue" if c.kind == "normcheck" else "tab:red" for c in names]
+            ax.barh(ys, [x - 1 for x in meds], left=1, xerr=[lo, hi], color=colors, capsize=2)
+            ax.set_yticks(ys)
+            ax.set_yticklabels([c.label for c in names] if col == 0 else [], fontsize=7)
+            ax.axvline(1.0, color="black", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_title(f"{MODELS[m].title}\nlog_every_n_steps={cadence}", fontsize=9)
+            ax.set_xlabel("step time / no callback (log scale)", fontsize=8)
+            ax.invert_yaxis()
+    fig.suptitle("Training-step time relative to no callback (blue: lightning_normcheck, red: anchors)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer steps and repeats (a smoke run, noisier)")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ",".join(MODELS))
+    p.add_argument("--configs", default=None, help="comma-separated configuration names (default: all)")
+    p.add_argument("--cadences", default="50,1", help="Trainer log_every_n_steps values")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument(
+        "--clock",
+        choices=CLOCKS,
+        default="cpu",
+        help="what the main tables and the goals use: CPU time of the training thread (robust when other "
+        "processes share the cores) or wall-clock time (both are always reported)",
+    )
+    p.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 3
+    args.warmup, args.window = (50, 50) if args.quick else (50, 100)
+    args.warmup1, args.window1 = (25, 15) if args.quick else (25, 30)
+    torch.set_num_threads(1)
+    models = args.models.split(",")
+    cadences = [int(c) for c in args.cadences.split(",")]
+    chosen = args.configs.split(",") if args.configs else [c.name for c in CONFIGS[1:]]
+    command = "python benchmarks/overhead.py" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
+    )
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "command": command,
+        "clock": args.clock,
+        "models": models,
+        "cadences": cadences,
+        "cells": {},
+    }
+    t_start = time.time()
+    with tempfile.TemporaryDirectory() as logdir:
+        for m in models:
+            results["cells"][m] = {}
+            for cadence in cadences:
+                names = [n for n in chosen if BY_NAME[n].runs_at(cadence)]
+                warmup, window = (args.warmup, args.window) if cadence != 1 else (args.warmup1, args.window1)
+                cells = measure(MODELS[m], cadence, names, args.repeats, warmup, window, logdir)
+                results["cells"][m][str(cadence)] = {
+                    n: {c: {"times": cell.times, "ratios": cell.ratios} for c, cell in by_clock.items()}
+                    for n, by_clock in cells.items()
+                }
+    results["seconds"] = time.time() - t_start
+    results["goals"] = goals(results, args.clock)
+    out = Path(args.out)
+    (out.parent / "results.json").write_text(json.dumps(results, indent=1))
+    text = report(results, args)
+    out.write_text(text)
+    plot(results, out.parent / "overhead.png", args.clock)
+    print(text)
+    print(f"wrote {out} in {results['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
