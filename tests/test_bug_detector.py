@@ -123,6 +123,32 @@ def test_double_step_from_another_callback() -> None:
     assert "directly" in f.message and f.step <= 2
 
 
+class NestedStep(Callback):
+    """A raw step inside Lightning's own step (from on_before_optimizer_step): the outer one is extra."""
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        optimizer.step()
+
+
+class StepBeforeBackward(Callback):
+    """A step between forward and backward (Lightning zeroes grads there): training raises."""
+
+    def on_before_zero_grad(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        optimizer.step()
+
+
+def test_double_step_nested_and_when_it_makes_training_raise() -> None:
+    cb = detector()
+    fit(LitModel(mlp()), loader(regression_data()), [NestedStep(), cb], max_steps=6)
+    assert "directly" in finding(cb, "double_optimizer_step").message
+    cb = detector()
+    with pytest.raises(RuntimeError, match="inplace"):
+        fit(LitModel(mlp()), loader(regression_data()), [StepBeforeBackward(), cb], max_steps=6)
+    f = finding(cb, "double_optimizer_step")
+    assert "Training then raised" in f.message
+    assert "hidden_state_not_detached" not in codes(cb.findings)  # the extra step explains the error
+
+
 class GAN(L.LightningModule):
     """Two optimizers alternating every batch (manual optimization), each stepping once."""
 

@@ -48,7 +48,8 @@ class _OptimizerWatch:
         self.lightning_hook = False  # on_before_optimizer_step fired since its last step
         self.extra_steps = 0
         self.first_extra_step = -1
-        self.raw_extra = True
+        self.raw_extra = False
+        self.last_raw = False  # the previous step fired no Lightning hook
         self.window = _Window()
         self.accum: list[tuple[int, int, float]] = []  # (step, k, factor) of the last windows
         self.used_history: list[tuple[int, Tensor]] = []
@@ -145,11 +146,12 @@ class _TrainingBugs(_Monitor):
             step = run.step
             # a step with every watched gradient None applies nothing (e.g. training_step returned None)
             applied = any(p.grad is not None for p in w.watched)
+            raw = not w.lightning_hook
             if w.steps > 0 and not w.reached and applied:
                 w.extra_steps += 1
                 if w.first_extra_step < 0:
                     w.first_extra_step = step
-                w.raw_extra = w.raw_extra and not w.lightning_hook
+                w.raw_extra = w.raw_extra or raw or w.last_raw
                 if w.extra_steps >= B.DOUBLE_STEP_MIN:
                     B.report_double_step(
                         run.findings,
@@ -174,6 +176,7 @@ class _TrainingBugs(_Monitor):
             w.steps += 1
             w.reached = False
             w.lightning_hook = False
+            w.last_raw = raw
             return None
 
         return hook
@@ -349,6 +352,23 @@ class _TrainingBugs(_Monitor):
             self._reduction = B.diagnose_reduction(run.findings, self._probe_results)
 
     def on_exception(self, run: _Run, exception: BaseException) -> None:
+        text = str(exception)
+        graph_error = B._RAISE_SECOND_TIME in text or B._RAISE_INPLACE in text
+        first_line = text.strip().splitlines()[0][:200] if text.strip() else type(exception).__name__
+        extra = [w for w in self.watches.values() if w.extra_steps > 0]
+        for w in extra:  # training stopped: one extra step is enough to report
+            B.report_double_step(
+                run.findings,
+                w.first_extra_step,
+                w.label,
+                w.extra_steps,
+                w.steps,
+                self.batches,
+                w.raw_extra,
+                exception=first_line if graph_error else None,
+            )
+        if extra and not self._stale and B._RAISE_INPLACE in text:
+            return  # the extra step modified the weights under the graph: explained above
         B.explain_graph_exception(
             run.findings, exception, run.step, self.batches, list(self.rnn_modules), list(self._stale)
         )

@@ -350,6 +350,7 @@ def report_double_step(
     total_steps: int,
     batches: int,
     raw: bool,
+    exception: str | None = None,
 ) -> None:
     """Report optimizer steps that had no backward pass since the previous step.
 
@@ -360,15 +361,28 @@ def report_double_step(
         extra_steps: steps that followed another step with no backward in between.
         total_steps: ``step()`` calls seen.
         batches: training batches seen.
-        raw: the extra steps bypassed Lightning (no ``on_before_optimizer_step`` before them).
+        raw: one step of an extra pair bypassed Lightning (no ``on_before_optimizer_step`` before it).
+        exception: the autograd error training raised after an extra step, if any.
     """
     where = (
-        "No Lightning hook fired before the extra steps: another callback or user code called the torch"
-        " optimizer directly (e.g. `trainer.optimizers[0].step()`)."
+        "No Lightning hook fired before one of them: another callback or user code called the torch"
+        " optimizer directly (e.g. `trainer.optimizers[0].step()`), which bypasses Lightning."
         if raw
-        else "Lightning saw each step: `opt.step()` is called more than once per backward pass in"
-        " `training_step` (or in an `optimizer_step` override)."
+        else "Lightning saw each step: `opt.step()` runs more than once per backward pass (twice in"
+        " `training_step`, in an `optimizer_step` override, or `self.optimizers().step()` from a hook)."
     )
+    note = (
+        f" Training then raised '{exception}': an extra step between a forward pass and its backward"
+        " changes the weights in place under the graph that backward still needs."
+        if exception
+        else ""
+    )
+    old = findings.get("double_optimizer_step", None)
+    if old is not None and note:
+        if "exception" not in old.extra:
+            old.extra["exception"] = exception
+            old.message += note
+        return
     findings.report(
         "double_optimizer_step",
         "error",
@@ -378,8 +392,9 @@ def report_double_step(
         f" those steps came with no backward pass since the previous step (first at step {step}): the same"
         " gradients are applied twice, which doubles the effective learning rate (and advances Adam's step"
         f" count and LR schedules twice as fast). {where} What to try: call `step()` exactly once per"
-        " backward pass (or accumulation window), remove the extra call.",
+        f" backward pass (or accumulation window), remove the extra call.{note}",
         value=float(extra_steps),
+        **({"exception": exception} if exception else {}),
     )
 
 
@@ -454,7 +469,8 @@ def explain_graph_exception(
     """Explain "backward through the graph a second time" / "modified by an inplace operation".
 
     Attributed to a state carried across batches when a stale state was seen, or when training raised
-    after its first batch (a genuine in-place op in the model raises at the first backward already).
+    after its first batch (a genuine in-place op in the model raises at the first backward already; the
+    caller rules out an extra optimizer step between forward and backward first).
 
     Args:
         findings: the log.
