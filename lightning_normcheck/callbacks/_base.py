@@ -87,15 +87,35 @@ class _GradStats:
     __slots__ = ("params", "grads", "layers", "layer_index", "norms", "total", "step")
 
     def __init__(
-        self, params: list[Tensor], grads: list[Tensor], layers: list[int], layer_index: Tensor, step: int
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        layers: list[int],
+        layer_index: Tensor,
+        step: int,
+        fused: bool = False,
     ) -> None:
         self.params = params
         self.grads = grads
         self.layers = layers  # layer index of each gradient (host list, built at setup)
         self.layer_index = layer_index
         self.step = step
-        self.norms = N.tensor_norms(grads)
+        self.norms = _fused_norms(grads) if fused else N.tensor_norms(grads)
         self.total = N.total_norm(self.norms)
+
+
+def _fused_norms(grads: list[Tensor]) -> Tensor:
+    """Per-tensor L2 norms of dense float32 gradients on one device: one ``_foreach_norm``, one stack.
+
+    The hot path of every optimizer step. It skips the per-tensor grouping and conversions of
+    :func:`~lightning_normcheck.norms.tensor_norms` (half the cost on a model with 600 small parameters);
+    the caller has checked that every parameter is a plain float32 tensor on one device. A sparse
+    gradient (``nn.Embedding(sparse=True)``) has no foreach kernel and takes the general path.
+    """
+    try:
+        return torch.stack(torch._foreach_norm(grads, 2.0))
+    except (NotImplementedError, RuntimeError):
+        return N.tensor_norms(grads)
 
 
 class _Run:
@@ -129,6 +149,7 @@ class _Run:
         self.probing = False  # True while a probe runs extra forward passes: hooks must ignore them
         self._grad_cache: dict[int, _GradStats] = {}
         self._opt_index: dict[int, tuple[list[Tensor], list[int], Tensor]] = {}
+        self._opt_fused: dict[int, bool] = {}  # id(optimizer) -> its params allow the fused gradient-norm pass
 
     @property
     def pl_module(self) -> pl.LightningModule:
@@ -172,10 +193,17 @@ class _Run:
         if cached is not None and cached.step == step:
             return cached
         params, layers, index = self.optimizer_params(optimizer)
-        with_grad = [i for i, p in enumerate(params) if p.grad is not None]  # frozen: grad is None
-        if len(with_grad) == len(params):
-            stats = _GradStats(params, [p.grad for p in params], layers, index, step)  # type: ignore[misc]
+        fused = self._opt_fused.get(id(optimizer))
+        if fused is None:
+            fused = self._opt_fused[id(optimizer)] = bool(params) and all(
+                type(p) in (Tensor, torch.nn.Parameter) and p.dtype == torch.float32 and p.device == params[0].device
+                for p in params
+            )
+        grads = [p.grad for p in params]
+        if not any(g is None for g in grads):
+            stats = _GradStats(params, grads, layers, index, step, fused)  # type: ignore[arg-type]
         else:
+            with_grad = [i for i, g in enumerate(grads) if g is not None]  # frozen: grad is None
             sub = [layers[i] for i in with_grad]
             stats = _GradStats(
                 [params[i] for i in with_grad],
@@ -183,6 +211,7 @@ class _Run:
                 sub,
                 torch.tensor(sub, dtype=torch.long),
                 step,
+                fused,
             )
         self._grad_cache = {id(optimizer): stats}
         return stats
