@@ -49,10 +49,13 @@ SPIKE_FACTOR = 10.0
 SPIKE_MIN_HISTORY = 8
 #: Length of the running-median window, in optimizer steps.
 SPIKE_WINDOW = 50
-#: A spike must fall back within this many steps, to within FALLBACK_BAND x the median it broke from:
-#: a steady climb (exploding_gradients) never falls back; "within 3x" is the clean-run band above.
+#: A spike must fall back within this many steps, to within FALLBACK_BAND x the median it broke from or
+#: to FALLBACK_DROP x below its own peak: a steady climb (exploding_gradients) or a rise to a new plateau
+#: never falls back. "Within 3x" is the clean-run band above; the drop covers a bad batch that knocked
+#: the weights (measured: 160 -> 7.6 with a median of 2, no clipping, then slowly back).
 SPIKE_FALLBACK_STEPS = 3
 FALLBACK_BAND = 3.0
+FALLBACK_DROP = 5.0
 #: Spike steps kept for the message and the finding's ``extra`` (bounded memory).
 MAX_LISTED = 50
 #: "Clipping on most steps": the blog's "almost always above the clip threshold"; 0.5 is also the
@@ -343,7 +346,7 @@ class SpikeHistory:
                 continue
             still: list[tuple[Spike, int]] = []
             for spike, age in self.pending:
-                if value <= FALLBACK_BAND * spike.median:
+                if value <= max(FALLBACK_BAND * spike.median, spike.norm / FALLBACK_DROP):
                     confirmed.append(spike)
                 elif age + 1 < SPIKE_FALLBACK_STEPS:
                     still.append((spike, age + 1))
@@ -391,9 +394,9 @@ def diagnose_spikes(
     """Report intermittent spikes of the total gradient norm (``gradient_spikes``), one finding in all.
 
     A spike is a total norm above ``factor`` x the running median of the last :data:`SPIKE_WINDOW` steps
-    (after :data:`SPIKE_MIN_HISTORY` steps) that falls back to within :data:`FALLBACK_BAND` x that median
-    within :data:`SPIKE_FALLBACK_STEPS` steps; a steady climb never falls back and is left to
-    ``exploding_gradients``.
+    (after :data:`SPIKE_MIN_HISTORY` steps) that falls back within :data:`SPIKE_FALLBACK_STEPS` steps (to
+    within :data:`FALLBACK_BAND` x that median, or :data:`FALLBACK_DROP` x below its peak); a steady climb
+    or a rise to a new level never falls back and is left to ``exploding_gradients``.
 
     Args:
         findings: the log to report to.
