@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import numbers
 import sys
 import weakref
 from collections.abc import Callable, Iterable
@@ -79,6 +80,26 @@ def _check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> 
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{owner}: `{name}` must be one of {choices}, got {value!r}")
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as types ``torch.load(weights_only=True)`` accepts: containers, numbers, strings, CPU tensors."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {(k if isinstance(k, (str, int, float, bool, tuple)) or k is None else str(k)): _plain(v)
+                for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_plain(v) for v in obj)
+    if isinstance(obj, (list, set, frozenset)) or hasattr(obj, "maxlen"):  # deque
+        return [_plain(v) for v in obj]
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        return float(obj)
+    return repr(obj)
 
 
 class _GradStats:
@@ -558,10 +579,18 @@ class _NormCheckBase(Callback):
                 monitors[m.name] = m.state_dict()
             except Exception:  # noqa: BLE001
                 monitors[m.name] = {}
-        return {"version": self.STATE_VERSION, "findings": self._findings.state_dict(), "monitors": monitors}
+        try:
+            findings = self._findings.state_dict()
+        except Exception:  # noqa: BLE001 - a checkpoint must never fail because of a monitor
+            findings = {}
+        # plain types only: Lightning may resume with torch.load(weights_only=True)
+        return _plain({"version": self.STATE_VERSION, "findings": findings, "monitors": monitors})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._findings.load_state_dict(state_dict.get("findings", {}))
+        try:
+            self._findings.load_state_dict(state_dict.get("findings", {}))
+        except Exception as err:  # noqa: BLE001 - a resume must never fail because of a monitor
+            rank_zero_warn(f"lightning_normcheck: could not restore the findings: {err!r}")
         monitors = state_dict.get("monitors", {})
         if self._run is None:
             self._pending_state = monitors  # restored at setup, once the model is known
