@@ -272,10 +272,14 @@ class BNDropNet(LitModel):
         super().__init__(net, loss=loss, lr=lr)
         self.log_it = log_it
         self.calls = 0
+        self.outputs: list[torch.Tensor] = []
+        self.register_buffer("seen", torch.zeros(()))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         self.calls += 1
+        self.seen += batch[0].shape[0]  # in place, like a torchmetrics state
         loss = super().training_step(batch, batch_idx)
+        self.outputs.append(loss.detach())
         if self.log_it:
             self.log("train_loss", loss)
         return loss
@@ -291,7 +295,7 @@ def test_probe_leaves_training_bit_identical() -> None:
     assert "loss_sum_reduction" in codes(cb.findings)  # the probe did run
     for (n, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.isfinite(pa).all() and torch.equal(pa, pb), n  # parameters and BatchNorm running stats
-    assert a.calls == b.calls  # module attributes restored after the probe
+    assert a.calls == b.calls and len(a.outputs) == len(b.outputs)  # attributes restored after the probe
     assert set(t_plain.callback_metrics) == set(t_probe.callback_metrics) == {"train_loss"}
     assert torch.equal(t_plain.callback_metrics["train_loss"], t_probe.callback_metrics["train_loss"])
 
@@ -309,6 +313,16 @@ def test_healthy_bn_dropout_mean_and_forward_twice() -> None:
     cb = detector()
     fit(Twice(mlp()), loader(regression_data()), [cb], max_steps=6)
     assert bad(cb.findings) == []
+
+
+def test_probe_with_training_step_without_batch_idx() -> None:
+    class NoIdx(LitModel):
+        def training_step(self, batch: Any) -> torch.Tensor:  # type: ignore[override]
+            return sum_mse(self(batch[0]), batch[1])
+
+    cb = detector()
+    fit(NoIdx(mlp(), lr=1e-3), loader(regression_data()), [cb], max_steps=3)
+    assert "loss_sum_reduction" in codes(cb.findings)
 
 
 def test_unsplittable_batch_is_skipped() -> None:

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 
 from lightning_normcheck import norms as N
@@ -291,13 +292,15 @@ class _TrainingBugs(_Monitor):
         plugin = getattr(run.trainer, "precision_plugin", None)
         ctx = plugin.train_step_context() if plugin is not None else nullcontext()
         losses: list[Tensor] = []
+        # Lightning passes batch_idx only when training_step takes it
+        takes_idx = is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2)
         run.probing = True
         module.__dict__["log"] = _no_log
         module.__dict__["log_dict"] = _no_log
         try:
             with torch.no_grad(), ctx:
                 for part in (half_a, half_b, both):
-                    out = module.training_step(part, self._batch_idx)
+                    out = module.training_step(part, self._batch_idx) if takes_idx else module.training_step(part)
                     loss = out.get("loss") if isinstance(out, dict) else out
                     if not isinstance(loss, Tensor) or loss.numel() != 1:
                         self._probe_failures += 1
@@ -308,7 +311,7 @@ class _TrainingBugs(_Monitor):
             return
         finally:
             run.probing = False
-            _restore(module, state)
+            _restore(state)
             _set_rng_state(rng)
         self._probes_pending.append((f"_bugs/probe{self._probe_runs}", run.step, m, torch.stack(losses)))
 
@@ -396,8 +399,12 @@ def _no_log(*args: Any, **kwargs: Any) -> None:
 _MAX_CLONE = 1 << 20
 
 
-def _snapshot(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[str, Tensor], dict[str, Any]]]:
-    """Shallow copies of every submodule's attributes, plus values of its buffers, tensors and lists."""
+_Snapshot = list[tuple[nn.Module, dict[str, Any], dict[str, Tensor], dict[str, Any]]]
+
+
+def _snapshot(module: nn.Module) -> _Snapshot:
+    """Shallow copies of every submodule's attributes, the values of its buffers, the values and version
+    counters of its tensor attributes and the items of its list attributes."""
     out = []
     for m in module.modules():
         attrs = dict(m.__dict__)
@@ -405,7 +412,7 @@ def _snapshot(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[s
         extra: dict[str, Any] = {}
         for k, v in attrs.items():
             if isinstance(v, Tensor) and not isinstance(v, nn.Parameter) and v.numel() <= _MAX_CLONE:
-                extra[k] = v.detach().clone()  # e.g. torchmetrics states updated in place
+                extra[k] = (v.detach().clone(), v._version)  # e.g. torchmetrics states updated in place
             elif isinstance(v, list):
                 extra[k] = list(v)
         out.append((m, attrs, buffers, extra))
@@ -413,9 +420,9 @@ def _snapshot(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[s
 
 
 @torch.no_grad()
-def _restore(
-    module: nn.Module, snapshot: list[tuple[nn.Module, dict[str, Any], dict[str, Tensor], dict[str, Any]]]
-) -> None:
+def _restore(snapshot: _Snapshot) -> None:
+    """Put attributes back and buffer values; copy values back into tensor attributes only when written
+    since (their version moved), so a carried tensor that a graph still needs is not touched."""
     for m, attrs, buffers, extra in snapshot:
         d = m.__dict__
         for k in [k for k in d if k not in attrs]:
@@ -425,13 +432,16 @@ def _restore(
                 d[k] = v
         for k, saved in buffers.items():
             b = m._buffers.get(k)
+            # always: BatchNorm's kernel updates running stats without moving the version counter (the probe
+            # runs before the forward, so no graph has saved these buffers yet)
             if b is not None:
                 b.copy_(saved)
         for k, saved in extra.items():
             v = d[k]
             if isinstance(v, Tensor):
-                v.copy_(saved)
-            elif isinstance(v, list) and v != saved:
+                if v._version != saved[1]:
+                    v.copy_(saved[0])
+            elif isinstance(v, list) and (len(v) != len(saved) or any(a is not b for a, b in zip(v, saved))):
                 v[:] = saved
 
 
