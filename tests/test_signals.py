@@ -527,3 +527,33 @@ def test_arguments_are_validated_and_data_can_be_switched_off() -> None:
     assert "batch_scale" not in [m.name for m in NormCheck(data=False)._monitors]
     assert "gradient_spikes" in [m.name for m in GradientNormMonitor()._monitors]
     assert math.isclose(NormCheck(spike_factor=20)._monitors[1].factor, 20.0)
+
+
+def test_batch_hooks_do_not_sync_with_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside the flush, the data monitors only queue device tensors: no .item()/float()/bool()/.tolist()."""
+    from lightning_normcheck.callbacks import _signals
+
+    def forbid(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("host sync in a hot-path hook")
+
+    def no_sync(fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with pytest.MonkeyPatch.context() as mp:
+                for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+                    mp.setattr(torch.Tensor, name, forbid)
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    for cls, hooks in (
+        (_signals._BatchScale, ("on_train_batch_start", "on_before_backward")),
+        (_signals._GradientSpikes, ("on_train_batch_start",)),
+    ):
+        for hook in hooks:
+            monkeypatch.setattr(cls, hook, no_sync(getattr(cls, hook)))
+    x, y = tabular()
+    x[:, 1] = x[:, 1] * 1e3 + 5e3
+    cb = NormCheck(print_summary=False)
+    fit(LitModel(mlp(), lr=1e-3), loader(TensorDataset(x, 1e4 * y + 3e4)), [cb], max_steps=4, log_every_n_steps=50)
+    assert cb.disabled_monitors == []
+    assert {"input_scale", "label_scale"} <= codes(cb.findings)
