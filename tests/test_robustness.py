@@ -328,6 +328,16 @@ def test_hooks_removed_after_fit_and_fit_twice_works() -> None:
     assert any(k.startswith("normcheck/weight_drift/") for k in logger2.keys())
 
 
+def test_second_fit_is_measured_from_its_own_step_0() -> None:
+    cb = NormCheck(print_summary=False)
+    for _ in range(2):
+        logger = MemLogger()
+        fit(DropBN(), cls_loader(), [cb], max_steps=1, logger=logger)
+        for prefix in ("normcheck/act_rms/", "normcheck/grad_norm/", "normcheck/weight_norm/"):
+            assert [s for s, row in logger.rows if any(k.startswith(prefix) for k in row)] == [0], prefix
+    assert cb.disabled_monitors == []
+
+
 def test_validation_test_predict_are_not_measured() -> None:
     hooks_in_eval: list[int] = []
 

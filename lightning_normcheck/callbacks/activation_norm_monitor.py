@@ -114,6 +114,8 @@ class _ActivationNorms(_Monitor):
 
     def setup(self, run: _Run) -> None:
         self.modules = {}
+        self._sampled_step = -1  # a new fit restarts its step count: its step 0 is sampled again
+        self._stats = {}
         for name, module in run.pl_module.named_modules():
             if self._selected(name, module):
                 self.modules[name] = module
