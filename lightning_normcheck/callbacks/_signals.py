@@ -33,6 +33,9 @@ MAX_TENSORS = 8
 TOP_K = 3
 #: The target median is taken over at most this many entries (a dense target can be large).
 MEDIAN_SAMPLE = 65536
+#: Input tensors larger than this are measured on their first samples only (cost: a 32x3x224x224 batch
+#: took ~8 passes' time; tabular batches, where a rare huge value matters, are far below it).
+MAX_ELEMENTS = 1 << 20
 #: Step -> batch index entries kept for the spike report (flushes are at most this far apart).
 MAX_BATCH_MAP = 20000
 
@@ -86,6 +89,8 @@ def _input_stats(x: Tensor, threshold: float) -> dict[str, Tensor]:
     Reductions run over every dimension but the feature axis (no copy of the batch); about ten kernels.
     """
     x = x.detach()
+    if x.ndim >= 2 and x.numel() > MAX_ELEMENTS:  # big images/sequences: the first samples tell the scale
+        x = x[: max(1, MAX_ELEMENTS // max(1, x[0].numel()))]
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # half precision: squares of large values would overflow in std
     if x.ndim <= 1:
