@@ -5,6 +5,7 @@ Usage::
     python benchmarks/scenario_report.py            # every scenario
     python benchmarks/scenario_report.py dead_relu  # only scenarios whose name contains "dead_relu"
     python benchmarks/scenario_report.py -v         # also print each finding's message
+    python benchmarks/scenario_report.py --seeds 3  # every scenario with seeds 0, 1, 2
 
 Recall counts a planted scenario as found when every expected code is reported as a warning or error
 (and, where the catalog names it, on the expected layer). A false alarm is any warning or error on a
@@ -29,13 +30,18 @@ for _name in ("lightning.pytorch", "lightning.fabric", "lightning_normcheck"):
 
 def main(argv: list[str]) -> int:
     verbose = "-v" in argv
+    seeds = 1
+    if "--seeds" in argv:
+        i = argv.index("--seeds")
+        seeds = int(argv[i + 1])
+        argv = argv[:i] + argv[i + 2 :]
     pattern = [a for a in argv if not a.startswith("-")]
-    chosen = [s for s in ALL if not pattern or any(p in s.name for p in pattern)]
+    chosen = [(s, seed) for s in ALL if not pattern or any(p in s.name for p in pattern) for seed in range(seeds)]
     found = planted = false_runs = healthy = 0
     total_time = 0.0
     print(f"{'scenario':<30} {'kind':<8} {'time':>6}  result")
-    for sc in chosen:
-        res = run_scenario(sc)
+    for sc, seed in chosen:
+        res = run_scenario(sc, seed=seed)
         total_time += res.seconds
         bad = [f for f in res.findings if f.severity in ("warning", "error")]
         got = sorted({f.code for f in bad})
@@ -54,7 +60,8 @@ def main(argv: list[str]) -> int:
             detail = f"got {got}" if bad else ""
         if res.exception is not None:
             detail += f" (raised {type(res.exception).__name__})"
-        print(f"{sc.name:<30} {'planted' if sc.planted else 'healthy':<8} {res.seconds:>5.1f}s  {status} {detail}")
+        label = sc.name if seeds == 1 else f"{sc.name}#{seed}"
+        print(f"{label:<30} {'planted' if sc.planted else 'healthy':<8} {res.seconds:>5.1f}s  {status} {detail}")
         if verbose or (sc.planted and status == "MISSED") or (not sc.planted and bad):
             for f in res.findings:
                 print(f"    {f}")

@@ -124,7 +124,7 @@ class LogLoss(LitModel):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return (torch.log(self(x)) - y).pow(2).mean()
+        return (torch.log(self(x) - 1.0) - y).pow(2).mean()  # the outputs start near 0: log < 0 is NaN
 
 
 class SqrtLoss(LitModel):
@@ -246,7 +246,7 @@ class SeqModel(L.LightningModule):
 
     def __init__(self, kind: str = "lstm", hidden: int = 32, post_norm: bool = False, carry: bool = False) -> None:
         super().__init__()
-        rnn_cls = nn.LSTM if kind == "lstm" else nn.RNN
+        rnn_cls = {"lstm": nn.LSTM, "gru": nn.GRU}.get(kind, nn.RNN)
         self.rnn = rnn_cls(4, hidden, batch_first=True)
         self.norm = nn.LayerNorm(hidden) if post_norm else nn.Identity()
         self.head = nn.Linear(hidden, 1)
@@ -292,6 +292,21 @@ def bags(n: int = 256, batch: int = 32) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True)
 
 
+class _SGDMomentum(LitModel):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def dropout_mlp() -> LitModel:
+    net = init_mlp(6, width=64, scheme="kaiming", d_out=4)
+    layers: list[nn.Module] = []
+    for m in net:
+        layers.append(m)
+        if isinstance(m, nn.ReLU):
+            layers.append(nn.Dropout(0.1))
+    return _SGDMomentum(nn.Sequential(*layers), loss=_ce, lr=0.02)
+
+
 def frozen_mlp() -> LitModel:
     net = init_mlp(4, scheme="kaiming")
     for p in list(net.parameters())[:4]:
@@ -312,8 +327,9 @@ def sigmoid_bias_mlp() -> LitModel:
 
 
 def blowup_mlp() -> LitModel:
-    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), Blowup(1e12), nn.ReLU(), Blowup(1e30),
-                        nn.Linear(32, 1))
+    net = nn.Sequential(
+        nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), Blowup(1e12), nn.ReLU(), Blowup(1e30), nn.Linear(32, 1)
+    )
     return LitModel(net, lr=1e-3, optimizer="adam")
 
 
@@ -334,77 +350,225 @@ def _lit(net: nn.Module, **kw: Any) -> LitModel:
 
 
 PLANTED: list[Scenario] = [
-    Scenario("exploding_act_relu_init", lambda: (_lit(init_mlp(8, gain=3.0), lr=1e-4, optimizer="adam"), reg(), {}),
-             ("exploding_activations",), notes="ReLU MLP, std 3/sqrt(fan_in) (Kaiming is 1.41)"),
-    Scenario("vanishing_act_relu_init", lambda: (_lit(init_mlp(8, gain=0.3), lr=1e-3, optimizer="adam"), reg(), {}),
-             ("vanishing_activations",), notes="ReLU MLP, std 0.3/sqrt(fan_in), zero bias"),
-    Scenario("exploding_act_gelu_init", lambda: (_lit(init_mlp(8, act=nn.GELU, gain=3.0), lr=1e-4, optimizer="adam"),
-                                                 reg(), {}), ("exploding_activations",)),
-    Scenario("vanishing_act_selu_init", lambda: (_lit(init_mlp(8, act=nn.SELU, gain=0.2), lr=1e-3, optimizer="adam"),
-                                                 reg(), {}), ("vanishing_activations",)),
-    Scenario("exploding_act_linear_deep", lambda: (_lit(init_mlp(8, act=None, gain=2.5), lr=1e-5, optimizer="adam"),
-                                                   reg(), {}), ("exploding_activations",),
-             notes="deep stack without activations or normalization, std 2.5/sqrt(fan_in)"),
-    Scenario("vanishing_grads_sigmoid_deep", lambda: (_lit(init_mlp(12, act=nn.Sigmoid), lr=0.1), reg(), {}),
-             ("vanishing_gradients",), notes="12 sigmoid layers, PyTorch default init"),
-    Scenario("vanishing_grads_sigmoid_xavier", lambda: (_lit(init_mlp(12, act=nn.Sigmoid, scheme="xavier"),
-                                                         lr=1e-3, optimizer="adam"), reg(), {}),
-             ("vanishing_gradients",), notes="12 sigmoid layers even with Xavier init: sigmoid' <= 0.25 per layer"),
-    Scenario("exploding_grads_lr", lambda: (_lit(mlp(width=32, depth=3), lr=0.35), reg(), {}),
-             ("exploding_gradients",), max_steps=30, notes="SGD with a learning rate past the stable limit"),
-    Scenario("nonfinite_loss_log", lambda: (LogLoss(mlp(), lr=1e-3), reg(), {}), ("nonfinite_loss",),
-             notes="log of a prediction that can be negative"),
-    Scenario("nonfinite_act_module", lambda: (blowup_mlp(), reg(), {}), ("nonfinite_loss",), layer="net.5",
-             notes="a module overflows float32: the first inf activation must be named"),
-    Scenario("nonfinite_grads_sqrt", lambda: (SqrtLoss(mlp(), lr=1e-3), reg(), {}), ("nonfinite_gradients",),
-             notes="sqrt(0) in the loss: finite loss, NaN gradient"),
-    Scenario("diverge_huge_lr", lambda: (_lit(mlp(width=32, depth=3), lr=50.0), reg(), {}), ("nonfinite_loss",),
-             notes="SGD lr=50: inf then NaN; only the first non-finite value is reported"),
-    Scenario("dead_relu_bias", lambda: (dead_bias_mlp(), reg(), {}), ("dead_units",), layer="net.3",
-             notes="bias -6 before a ReLU"),
-    Scenario("dead_relu_conv", lambda: (_lit(ConvNet(bn=False, bias=-6.0), loss=_ce, lr=1e-3, optimizer="adam"),
-                                        images(), {}), ("dead_units",), layer="net.features.1"),
-    Scenario("saturated_tanh_init", lambda: (_lit(init_mlp(4, act=nn.Tanh, gain=6.0), lr=1e-3, optimizer="adam"),
-                                             reg(), {}), ("saturated_activations",)),
-    Scenario("saturated_sigmoid_bias", lambda: (sigmoid_bias_mlp(), reg(), {}), ("saturated_activations",),
-             layer="net.3"),
-    Scenario("high_clip_rate", lambda: (_lit(mlp(), lr=0.05), reg(), {"gradient_clip_val": 1e-3}),
-             ("high_clip_rate",), max_steps=24),
-    Scenario("weight_norm_growth", lambda: (GroupLR(init_mlp(4, scheme="kaiming"), hot="4", hot_lr=0.5), reg(), {}),
-             ("weight_norm_growth",), layer="net.4", max_steps=24, notes="one layer on Adam lr 0.5"),
-    Scenario("nonfinite_raises", lambda: (CheckedLogLoss(mlp(), lr=1e-3), reg(), {}), ("nonfinite_loss",),
-             raises=True, notes="the user's own check raises on the NaN loss"),
+    Scenario(
+        "exploding_act_relu_init",
+        lambda: (_lit(init_mlp(8, gain=3.0), lr=1e-4, optimizer="adam"), reg(), {}),
+        ("exploding_activations",),
+        notes="ReLU MLP, std 3/sqrt(fan_in) (Kaiming is 1.41)",
+    ),
+    Scenario(
+        "vanishing_act_relu_init",
+        lambda: (_lit(init_mlp(8, gain=0.3), lr=1e-3, optimizer="adam"), reg(), {}),
+        ("vanishing_activations",),
+        notes="ReLU MLP, std 0.3/sqrt(fan_in), zero bias",
+    ),
+    Scenario(
+        "exploding_act_gelu_init",
+        lambda: (_lit(init_mlp(8, act=nn.GELU, gain=3.0), lr=1e-4, optimizer="adam"), reg(), {}),
+        ("exploding_activations",),
+    ),
+    Scenario(
+        "vanishing_act_selu_init",
+        lambda: (_lit(init_mlp(8, act=nn.SELU, gain=0.2), lr=1e-3, optimizer="adam"), reg(), {}),
+        ("vanishing_activations",),
+    ),
+    Scenario(
+        "exploding_act_linear_deep",
+        lambda: (_lit(init_mlp(8, act=None, gain=2.5), lr=1e-5, optimizer="adam"), reg(), {}),
+        ("exploding_activations",),
+        notes="deep stack without activations or normalization, std 2.5/sqrt(fan_in)",
+    ),
+    Scenario(
+        "vanishing_grads_sigmoid_deep",
+        lambda: (_lit(init_mlp(12, act=nn.Sigmoid), lr=0.1), reg(), {}),
+        ("vanishing_gradients",),
+        notes="12 sigmoid layers, PyTorch default init",
+    ),
+    Scenario(
+        "vanishing_grads_sigmoid_xavier",
+        lambda: (_lit(init_mlp(12, act=nn.Sigmoid, scheme="xavier"), lr=1e-3, optimizer="adam"), reg(), {}),
+        ("vanishing_gradients",),
+        notes="12 sigmoid layers even with Xavier init: sigmoid' <= 0.25 per layer",
+    ),
+    Scenario(
+        "exploding_grads_lr",
+        lambda: (_lit(mlp(width=32, depth=3), lr=0.35), reg(), {}),
+        ("exploding_gradients",),
+        max_steps=30,
+        notes="SGD with a learning rate past the stable limit",
+    ),
+    Scenario(
+        "nonfinite_loss_log",
+        lambda: (LogLoss(mlp(), lr=1e-3), reg(), {}),
+        ("nonfinite_loss",),
+        notes="log of a prediction that can be negative",
+    ),
+    Scenario(
+        "nonfinite_act_module",
+        lambda: (blowup_mlp(), reg(), {}),
+        ("nonfinite_loss",),
+        layer="net.5",
+        notes="a module overflows float32: the first inf activation must be named",
+    ),
+    Scenario(
+        "nonfinite_grads_sqrt",
+        lambda: (SqrtLoss(mlp(), lr=1e-3), reg(), {}),
+        ("nonfinite_gradients",),
+        notes="sqrt(0) in the loss: finite loss, NaN gradient",
+    ),
+    Scenario(
+        "diverge_huge_lr",
+        lambda: (_lit(mlp(width=32, depth=3), lr=50.0), reg(), {}),
+        ("nonfinite_loss",),
+        notes="SGD lr=50: inf then NaN; only the first non-finite value is reported",
+    ),
+    Scenario(
+        "dead_relu_bias",
+        lambda: (dead_bias_mlp(), reg(), {}),
+        ("dead_units",),
+        layer="net.3",
+        notes="bias -6 before a ReLU",
+    ),
+    Scenario(
+        "dead_relu_conv",
+        lambda: (_lit(ConvNet(bn=False, bias=-6.0), loss=_ce, lr=1e-3, optimizer="adam"), images(), {}),
+        ("dead_units",),
+        layer="net.features.1",
+    ),
+    Scenario(
+        "saturated_tanh_init",
+        lambda: (_lit(init_mlp(4, act=nn.Tanh, gain=6.0), lr=1e-3, optimizer="adam"), reg(), {}),
+        ("saturated_activations",),
+    ),
+    Scenario(
+        "saturated_sigmoid_bias", lambda: (sigmoid_bias_mlp(), reg(), {}), ("saturated_activations",), layer="net.3"
+    ),
+    Scenario(
+        "high_clip_rate",
+        lambda: (_lit(mlp(), lr=0.05), reg(), {"gradient_clip_val": 1e-3}),
+        ("high_clip_rate",),
+        max_steps=24,
+    ),
+    Scenario(
+        "weight_norm_growth",
+        lambda: (GroupLR(init_mlp(4, scheme="kaiming"), hot="4", hot_lr=0.5), reg(), {}),
+        ("weight_norm_growth",),
+        layer="net.4",
+        max_steps=24,
+        notes="one layer on Adam lr 0.5",
+    ),
+    Scenario(
+        "nonfinite_raises",
+        lambda: (CheckedLogLoss(mlp(), lr=1e-3), reg(), {}),
+        ("nonfinite_loss",),
+        raises=True,
+        notes="the user's own check raises on the NaN loss",
+    ),
 ]
 
 HEALTHY: list[Scenario] = [
     Scenario("kaiming_relu_deep", lambda: (_lit(init_mlp(8, scheme="kaiming"), lr=1e-2), reg(), {}), max_steps=30),
-    Scenario("kaiming_relu_deep_adam", lambda: (_lit(init_mlp(10, width=64, scheme="kaiming"), lr=1e-3,
-                                                     optimizer="adam"), reg(), {}), max_steps=30),
+    Scenario(
+        "kaiming_relu_deep_adam",
+        lambda: (_lit(init_mlp(10, width=64, scheme="kaiming"), lr=1e-3, optimizer="adam"), reg(), {}),
+        max_steps=30,
+    ),
     Scenario("default_mlp_adam", lambda: (_lit(mlp(), lr=1e-2, optimizer="adam"), reg(), {}), max_steps=30),
-    Scenario("prenorm_transformer", lambda: (LMModel(TinyTransformer(), lr=3e-3, optimizer="adam"), tokens(), {}),
-             max_steps=30),
-    Scenario("residual_layernorm_mlp", lambda: (_lit(ResidualLN(), lr=3e-3, optimizer="adam"), reg(), {}),
-             max_steps=30),
-    Scenario("cnn_batchnorm", lambda: (_lit(ConvNet(bn=True), loss=_ce, lr=3e-3, optimizer="adam"), images(), {}),
-             max_steps=30),
+    Scenario(
+        "prenorm_transformer",
+        lambda: (LMModel(TinyTransformer(), lr=3e-3, optimizer="adam"), tokens(), {}),
+        max_steps=30,
+    ),
+    Scenario(
+        "residual_layernorm_mlp", lambda: (_lit(ResidualLN(), lr=3e-3, optimizer="adam"), reg(), {}), max_steps=30
+    ),
+    Scenario(
+        "cnn_batchnorm",
+        lambda: (_lit(ConvNet(bn=True), loss=_ce, lr=3e-3, optimizer="adam"), images(), {}),
+        max_steps=30,
+    ),
     Scenario("lstm_tbptt", lambda: (SeqModel("lstm", carry=True), sequences(), {}), max_steps=30),
-    Scenario("bf16_mixed", lambda: (_lit(init_mlp(6, scheme="kaiming"), lr=1e-3, optimizer="adam"), reg(),
-                                    {"precision": "bf16-mixed"}), max_steps=30),
+    Scenario(
+        "bf16_mixed",
+        lambda: (_lit(init_mlp(6, scheme="kaiming"), lr=1e-3, optimizer="adam"), reg(), {"precision": "bf16-mixed"}),
+        max_steps=30,
+    ),
     Scenario("frozen_backbone", lambda: (frozen_mlp(), reg(), {}), max_steps=30),
-    Scenario("postnorm_rnn", lambda: (SeqModel("rnn", post_norm=True), sequences(seq=30), {}), max_steps=30,
-             notes="LayerNorm after the RNN output: trains fine"),
-    Scenario("tanh_xavier_deep", lambda: (_lit(init_mlp(8, act=nn.Tanh, scheme="xavier"), lr=1e-2), reg(), {}),
-             max_steps=30),
-    Scenario("selu_lecun_deep", lambda: (_lit(init_mlp(8, act=nn.SELU, scheme="lecun"), lr=1e-3, optimizer="adam"),
-                                         reg(), {}), max_steps=30),
-    Scenario("clipped_classifier", lambda: (_lit(init_mlp(4, scheme="kaiming", d_out=4), loss=_ce, lr=3e-3,
-                                                 optimizer="adam"), cls(), {"gradient_clip_val": 1.0}), max_steps=40),
-    Scenario("sigmoid_output_bce", lambda: (sigmoid_head(), reg(), {}), max_steps=40,
-             notes="a confident sigmoid output head saturates by design"),
-    Scenario("embedding_bag", lambda: (_lit(BagModel(), loss=_ce, lr=3e-3, optimizer="adam"), bags(), {}),
-             max_steps=30),
-    Scenario("high_lr_adam_converging", lambda: (_lit(init_mlp(3, scheme="kaiming"), lr=3e-2, optimizer="adam"),
-                                                 reg(), {}), max_steps=40),
+    Scenario(
+        "postnorm_rnn",
+        lambda: (SeqModel("rnn", post_norm=True), sequences(seq=30), {}),
+        max_steps=30,
+        notes="LayerNorm after the RNN output: trains fine",
+    ),
+    Scenario(
+        "tanh_xavier_deep", lambda: (_lit(init_mlp(8, act=nn.Tanh, scheme="xavier"), lr=1e-2), reg(), {}), max_steps=30
+    ),
+    Scenario(
+        "selu_lecun_deep",
+        lambda: (_lit(init_mlp(8, act=nn.SELU, scheme="lecun"), lr=1e-3, optimizer="adam"), reg(), {}),
+        max_steps=30,
+    ),
+    Scenario(
+        "clipped_classifier",
+        lambda: (
+            _lit(init_mlp(4, scheme="kaiming", d_out=4), loss=_ce, lr=3e-3, optimizer="adam"),
+            cls(),
+            {"gradient_clip_val": 1.0},
+        ),
+        max_steps=40,
+    ),
+    Scenario(
+        "sigmoid_output_bce",
+        lambda: (sigmoid_head(), reg(), {}),
+        max_steps=40,
+        notes="a confident sigmoid output head saturates by design",
+    ),
+    Scenario(
+        "embedding_bag", lambda: (_lit(BagModel(), loss=_ce, lr=3e-3, optimizer="adam"), bags(), {}), max_steps=30
+    ),
+    Scenario(
+        "high_lr_adam_converging",
+        lambda: (_lit(init_mlp(3, scheme="kaiming"), lr=3e-2, optimizer="adam"), reg(), {}),
+        max_steps=40,
+    ),
+    # slower look-alikes (run by benchmarks/scenario_report.py and `pytest -m slow`)
+    Scenario(
+        "cnn_no_bn_default",
+        lambda: (_lit(ConvNet(bn=False), loss=_ce, lr=3e-3, optimizer="adam"), images(), {}),
+        max_steps=40,
+        fast=False,
+    ),
+    Scenario(
+        "gru_sequence",
+        lambda: (SeqModel("gru"), sequences(), {}),
+        max_steps=40,
+        fast=False,
+    ),
+    Scenario(
+        "kaiming_dropout_sgd_momentum",
+        lambda: (dropout_mlp(), cls(), {}),
+        max_steps=60,
+        fast=False,
+    ),
+    Scenario(
+        "prenorm_transformer_long",
+        lambda: (LMModel(TinyTransformer(blocks=4), lr=1e-3, optimizer="adam"), tokens(n=512), {}),
+        max_steps=80,
+        fast=False,
+    ),
+    Scenario(
+        "accumulated_residual_mlp",
+        lambda: (_lit(ResidualLN(blocks=8), lr=1e-3, optimizer="adam"), reg(), {"accumulate_grad_batches": 2}),
+        max_steps=30,
+        fast=False,
+    ),
+    Scenario(
+        "default_mlp_long",
+        lambda: (_lit(mlp(width=64, depth=4), lr=3e-3, optimizer="adam"), reg(n=2048), {}),
+        max_steps=200,
+        fast=False,
+        notes="200 steps: the regular cadence (every 50 steps) after the dense start",
+    ),
 ]
 
 ALL: list[Scenario] = PLANTED + HEALTHY

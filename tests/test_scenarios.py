@@ -115,8 +115,16 @@ def test_divergence_reports_only_the_first_nonfinite_value() -> None:
     L.seed_everything(0, verbose=False)
     model = _Recorder(mlp(width=32, depth=3), lr=50.0)
     cb = NormCheck(print_summary=False)
-    L.Trainer(callbacks=[cb], max_steps=20, logger=False, enable_progress_bar=False, enable_model_summary=False,
-              enable_checkpointing=False, log_every_n_steps=50, accelerator="cpu").fit(model, reg())
+    L.Trainer(
+        callbacks=[cb],
+        max_steps=20,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=50,
+        accelerator="cpu",
+    ).fit(model, reg())
     first_bad = next(i for i, v in enumerate(model.losses) if not math.isfinite(v))
     nonfinite = [f for f in cb.findings if f.code.startswith("nonfinite")]
     assert len(nonfinite) == 1
@@ -133,3 +141,13 @@ def test_exception_after_nan_is_explained() -> None:
     assert isinstance(res.exception, ValueError)
     (f,) = [f for f in res.findings if f.code == "nonfinite_loss"]
     assert "ValueError" in f.message and f.step == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("name", [s.name for s in HEALTHY])
+def test_healthy_run_is_silent_other_seeds(name: str, seed: int) -> None:
+    res = run_scenario(next(s for s in HEALTHY if s.name == name), seed=seed)
+    assert res.exception is None, res.exception
+    _, false = judge(res)
+    assert not false, f"{name} seed {seed}: false alarms {[str(f) for f in false]}"

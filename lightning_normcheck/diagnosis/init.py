@@ -24,8 +24,19 @@ import torch
 from torch import nn
 
 #: Activations that zero about half their input: Kaiming/He gain sqrt(2).
-KAIMING_ACTS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.PReLU,
-                                             nn.ELU, nn.Mish, nn.RReLU, nn.CELU, nn.Softplus)
+KAIMING_ACTS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.RReLU,
+    nn.CELU,
+    nn.Softplus,
+)
 #: Activations that are linear around 0 and bounded: Xavier/Glorot.
 XAVIER_ACTS: tuple[type[nn.Module], ...] = (nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Softsign)
 #: Self-normalizing units: LeCun 1/sqrt(fan_in).

@@ -340,7 +340,9 @@ def _gradient_depth(
     recent = [r for _, r in history.get("depth_ratio")[-th.grad_depth_samples :]]
     if len(recent) < th.grad_depth_samples:
         return
-    shown = ", ".join(f"{n} {_fmt(v)}" for n, v in chain[:3]) + " ... " + ", ".join(f"{n} {_fmt(v)}" for n, v in chain[-3:])
+    shown = (
+        ", ".join(f"{n} {_fmt(v)}" for n, v in chain[:3]) + " ... " + ", ".join(f"{n} {_fmt(v)}" for n, v in chain[-3:])
+    )
     if all(r <= th.grad_depth_ratio for r in recent):
         weakest = min(chain[:k], key=lambda x: x[1])
         findings.report(
@@ -491,6 +493,8 @@ def _activation_depth(
 ) -> None:
     x_rms = values.get(f"normcheck/act_rms/{INPUT_LABEL}")
     chain = [(n, rms[n]) for n in order if n in rms and is_weight_layer(modules[n])]
+    # the last weight layer is the head: its output is the prediction, scaled by the targets, not by depth
+    chain = chain[:-1]
     if not chain or not all(math.isfinite(v) for _, v in chain):
         return
     input_ok = x_rms is not None and math.isfinite(x_rms) and x_rms > 0
@@ -616,7 +620,9 @@ def _dead_units(
         history.add(f"dead/{n}", step, v)
         if v < th.dead_fraction:
             continue
-        prev = next((p for p in reversed(order[: order.index(n)]) if is_weight_layer(modules.get(p, nn.Identity()))), None)
+        prev = next(
+            (p for p in reversed(order[: order.index(n)]) if is_weight_layer(modules.get(p, nn.Identity()))), None
+        )
         src = f" (fed by `{prev}`)" if prev else ""
         findings.report(
             "dead_units",
@@ -667,7 +673,11 @@ def _saturation(
             f"{mean:.0%} of the outputs of `{n}` sit at its bounds (within 1% of the range) on average over"
             f" {len(h)} sampled steps up to step {step} (threshold {th.saturated_fraction:.0%}; Xavier-initialized"
             " nets measure ~1%)."
-            + (" It is the model's output layer, where confident predictions saturate: fine if intended." if output else "")
+            + (
+                " It is the model's output layer, where confident predictions saturate: fine if intended."
+                if output
+                else ""
+            )
             + " Saturated units pass almost no gradient (derivative ~0). Likely causes, most likely first: init"
             " std too large for tanh/sigmoid (pre-activations far from 0), inputs not normalized, learning rate"
             " too high, missing normalization. What to try: Xavier init (std sqrt(2/(fan_in+fan_out))), normalize"
@@ -806,7 +816,9 @@ def explain_exception(findings: FindingLog, exception: BaseException, step: int)
         exception: what training raised.
         step: the global step at which it raised.
     """
-    text = f"{type(exception).__name__}: {str(exception).strip().splitlines()[0][:200] if str(exception).strip() else ''}"
+    text = (
+        f"{type(exception).__name__}: {str(exception).strip().splitlines()[0][:200] if str(exception).strip() else ''}"
+    )
     mentions_nonfinite = _NONFINITE_RE.search(text) is not None
     ranked = [f for f in findings.findings if f.code in NONFINITE_CODES]
     ranked += [f for f in findings.findings if f.code == "exploding_activations" and f.extra.get("nonfinite")]
