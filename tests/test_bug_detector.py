@@ -505,3 +505,39 @@ def test_arguments_validated_and_normcheck_wiring() -> None:
     cb = NormCheck(print_summary=False)
     fit(LitModel(mlp(), loss=sum_mse, lr=1e-3), loader(regression_data()), [cb], max_steps=4)
     assert "loss_sum_reduction" in codes(cb.findings)
+
+
+def test_no_host_sync_on_unsampled_steps_manual_and_rnn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Manual accumulation (graph reads) and an RNN (pre-hooks): no host read from the package off sampled steps."""
+    import sys
+
+    step: list[int | None] = [None]
+    events: list[tuple[int | None, str]] = []
+
+    class Where(Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+            step[0] = trainer.global_step
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self: torch.Tensor, *a: Any, _o: Any = original, _n: str = name, **k: Any) -> Any:
+            f = sys._getframe(1)
+            while f is not None:
+                if f.f_globals.get("__name__", "").startswith("lightning_normcheck"):
+                    events.append((step[0], _n))
+                    break
+                f = f.f_back
+            return _o(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    for model in (ManualModel(k=2, divide=True), Stateful(detach=True)):
+        events.clear()
+        fit(
+            model,
+            loader(regression_data(512) if isinstance(model, ManualModel) else sequence_data(512)),
+            [Where(), TrainingBugDetector(print_summary=False, log_every_n_steps=10)],
+            max_steps=26,
+        )
+        off = [(s, n) for s, n in events if s is not None and s >= 20 and s % 10]
+        assert off == [], off

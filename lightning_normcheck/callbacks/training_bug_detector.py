@@ -260,8 +260,10 @@ class _TrainingBugs(_Monitor):
 
     def on_before_backward(self, run: _Run, loss: Tensor) -> None:
         self._bwd_id += 1
-        scale = B.loss_scale_factor(loss.grad_fn) if self._manual else None
-        sig = B.graph_signature(loss.grad_fn) if self._manual else ()
+        # reading a constant saved on the graph is a host read: only on sampled steps (dense early on)
+        read = self._manual and run.is_due(run.step)
+        scale = B.loss_scale_factor(loss.grad_fn) if read else None
+        sig = B.graph_signature(loss.grad_fn) if read else ()
         self._bwd = (self._bwd_id, self.batches - 1, scale, sig)
 
     def on_after_backward(self, run: _Run) -> None:
