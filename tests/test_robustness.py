@@ -380,6 +380,7 @@ def test_two_normchecks_in_one_trainer_have_distinct_state_keys(tmp_path: Path) 
     a, b = NormCheck(print_summary=False), NormCheck(activations=False, print_summary=False)
     assert a.state_key != b.state_key
     assert NormCheck(print_summary=False).state_key == a.state_key  # stable: a resumed run finds its state
+    assert NormCheck(print_summary=False, log_every_n_steps=None, norm_type=2).state_key == a.state_key  # defaults
     model = DropBN()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit(model, cls_loader(), [a, b, ckpt], max_steps=4, enable_checkpointing=True)

@@ -82,6 +82,18 @@ def _check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> 
         raise ValueError(f"{owner}: `{name}` must be one of {choices}, got {value!r}")
 
 
+def _is_default(sig: inspect.Signature, name: str, value: Any) -> bool:
+    param = sig.parameters.get(name)
+    if param is None or param.default is inspect.Parameter.empty:
+        return False
+    try:
+        default = param.default
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (value, default))
+        return (numeric or type(value) is type(default)) and bool(value == default)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _plain(obj: Any) -> Any:
     """``obj`` as types ``torch.load(weights_only=True)`` accepts: containers, numbers, strings, CPU tensors."""
     if obj is None or isinstance(obj, (bool, int, float, str)):
@@ -329,8 +341,11 @@ class _NormCheckBase(Callback):
         # the arguments given (not the defaults) make the checkpoint key: two differently configured
         # instances in one Trainer do not collide, and the same configuration finds its state on resume
         try:
-            bound = inspect.signature(cls.__init__).bind_partial(None, *args, **kwargs).arguments
-            self._init_args = {k: v for i, (k, v) in enumerate(bound.items()) if i > 0}
+            sig = inspect.signature(cls.__init__)
+            bound = sig.bind_partial(None, *args, **kwargs).arguments
+            self._init_args = {
+                k: v for i, (k, v) in enumerate(bound.items()) if i > 0 and not _is_default(sig, k, v)
+            }
         except TypeError:  # wrong arguments: __init__ raises the proper error
             self._init_args = {}
         return self
