@@ -283,6 +283,14 @@ def test_label_scale_prices_found_at_first_step_and_told_apart() -> None:
     assert "input_scale" not in codes(cb.findings)
 
 
+def test_label_scale_zero_mean_targets_times_1000() -> None:
+    x, y = tabular()
+    cb = NormCheck(print_summary=False)
+    fit(LitModel(mlp(), lr=1e-3, optimizer="adam"), loader(TensorDataset(x, 1e3 * y)), [cb], max_steps=4)
+    f = finding(cb, "label_scale")
+    assert f.severity == "warning" and f.value == pytest.approx((1e3 * y[:16]).abs().median().item(), rel=1e-5)
+
+
 class DictRegression(L.LightningModule):
     def __init__(self, manual: bool = False) -> None:
         super().__init__()
