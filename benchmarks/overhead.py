@@ -31,7 +31,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -269,35 +269,35 @@ BY_NAME = {c.name: c for c in CONFIGS}
 
 
 class StepTimer(Callback):
-    """Time from the start of step ``warmup`` to the start of step ``warmup + window`` (the first callback).
+    """Per-step times of steps ``warmup .. warmup + window - 1`` (the first callback, so it brackets the others).
 
-    Keeps both the wall-clock time and the CPU time of the training thread (``time.thread_time``): on a machine
-    shared with other processes the thread's CPU time is not inflated by the time it waits for a core.
+    A step's time runs from its ``on_train_batch_start`` to the next one's: data, forward, backward, clipping,
+    the optimizer step, every callback hook and the logger. Both the wall-clock time and the CPU time of the
+    training thread (``time.thread_time``) are kept: the latter is not inflated while the thread waits for a core
+    that another process holds.
     """
 
     def __init__(self, warmup: int, window: int) -> None:
         self.warmup, self.window = warmup, window
-        self.wall0 = self.wall1 = self.cpu0 = self.cpu1 = 0.0
+        self.marks: list[tuple[float, float]] = []
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if step == self.warmup:
-            self.wall0, self.cpu0 = time.perf_counter(), time.thread_time()
-        elif step == self.warmup + self.window:
-            self.wall1, self.cpu1 = time.perf_counter(), time.thread_time()
+        if self.warmup <= trainer.global_step <= self.warmup + self.window:
+            self.marks.append((time.perf_counter(), time.thread_time()))
 
-    def per_step(self, clock: str) -> float:
-        if self.wall1 <= self.wall0:
+    def steps(self, clock: str) -> list[float]:
+        if len(self.marks) != self.window + 1:
             raise RuntimeError("the timing window did not complete")
-        if clock == "cpu":
-            return (self.cpu1 - self.cpu0) / self.window
-        return (self.wall1 - self.wall0) / self.window
+        k = 0 if clock == "wall" else 1
+        return [b[k] - a[k] for a, b in zip(self.marks, self.marks[1:])]
 
 
-def run_once(spec: ModelSpec, config: Config, cadence: int, warmup: int, window: int, logdir: str) -> dict[str, float]:
-    """One fit; returns the steady-state seconds per training step, by wall clock and by thread CPU time."""
+def run_once(
+    spec: ModelSpec, config: Config, cadence: int, warmup: int, window: int, logdir: str
+) -> dict[str, list[float]]:
+    """One fit; the seconds of each timed step, by wall clock and by thread CPU time."""
     torch.manual_seed(0)
     model = LitBench(spec.build(), recipe=config.recipe)
     timer = StepTimer(warmup, window)
@@ -318,16 +318,10 @@ def run_once(spec: ModelSpec, config: Config, cadence: int, warmup: int, window:
     )
     loader = DataLoader(Batches(spec.input_shape, steps), batch_size=None, num_workers=0)
     trainer.fit(model, loader)
-    return {"wall": timer.per_step("wall"), "cpu": timer.per_step("cpu")}
+    return {c: timer.steps(c) for c in CLOCKS}
 
 
 CLOCKS = ("cpu", "wall")
-
-
-@dataclass
-class Cell:
-    times: list[float] = field(default_factory=list)
-    ratios: list[float] = field(default_factory=list)
 
 
 def schedule(names: list[str], repeat: int, baseline_every: int) -> list[str]:
@@ -342,22 +336,34 @@ def schedule(names: list[str], repeat: int, baseline_every: int) -> list[str]:
     return out
 
 
+def step_median_time(runs: list[list[float]], window: int) -> float:
+    """Mean over the window of each step's median over the runs (robust to a run slowed by other processes, while
+    a cost that recurs at the same step in every run, such as a logging step, is kept)."""
+    return sum(statistics.median(r[i] for r in runs) for i in range(window)) / window
+
+
 def measure(
-    spec: ModelSpec, cadence: int, names: list[str], repeats: int, warmup: int, window: int, logdir: str
-) -> dict[str, dict[str, Cell]]:
-    """Interleaved, repeated runs; ``{config: {clock: Cell}}`` with ratios to the neighbouring baselines."""
-    cells = {n: {c: Cell() for c in CLOCKS} for n in ["none", *names]}
+    spec: ModelSpec, cadence: int, names: list[str], repeats: int, warmup: int, windows: dict[str, int], logdir: str
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Interleaved, repeated runs: ``{config: {clock: {"runs", "ratio", "ratios", "time"}}}``.
+
+    ``ratio``: the step-median time of the configuration over that of the baseline, over the same steps;
+    ``ratios``: per repeat, the mean step time of the run over the mean of its two neighbouring baseline runs.
+    """
+    full = max(windows.values())
+    runs: dict[str, list[dict[str, list[float]]]] = {n: [] for n in ["none", *names]}
+    paired: dict[str, dict[str, list[float]]] = {n: {c: [] for c in CLOCKS} for n in names}
     for r in range(repeats):
         seq = schedule(names, r, baseline_every=3)
-        times: list[dict[str, float]] = []
+        times: list[dict[str, list[float]]] = []
         for n in seq:
-            t = run_once(spec, BY_NAME[n], cadence, warmup, window, logdir)
+            w = full if n == "none" else windows[n]
+            t = run_once(spec, BY_NAME[n], cadence, warmup, w, logdir)
             times.append(t)
-            for c in CLOCKS:
-                cells[n][c].times.append(t[c])
+            runs[n].append(t)
             print(
-                f"  [{spec.name} every={cadence} rep={r}] {n:20s} cpu {t['cpu'] * 1e3:8.2f} ms/step, "
-                f"wall {t['wall'] * 1e3:8.2f} ms/step",
+                f"  [{spec.name} every={cadence} rep={r}] {n:20s} cpu {statistics.mean(t['cpu']) * 1e3:8.2f} "
+                f"ms/step, wall {statistics.mean(t['wall']) * 1e3:8.2f} ms/step",
                 flush=True,
             )
         base_pos = [i for i, n in enumerate(seq) if n == "none"]
@@ -366,25 +372,33 @@ def measure(
                 continue
             before = max(p for p in base_pos if p < i)
             after = min(p for p in base_pos if p > i)
+            w = windows[n]
             for c in CLOCKS:
-                base = (times[before][c] + times[after][c]) / 2
-                cells[n][c].ratios.append(times[i][c] / base)
-    for c in CLOCKS:
-        base = statistics.median(cells["none"][c].times)
-        cells["none"][c].ratios = [t / base for t in cells["none"][c].times]
-    return cells
+                base = (statistics.mean(times[before][c][:w]) + statistics.mean(times[after][c][:w])) / 2
+                paired[n][c].append(statistics.mean(times[i][c]) / base)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for n, rs in runs.items():
+        w = full if n == "none" else windows[n]
+        out[n] = {}
+        for c in CLOCKS:
+            mine = step_median_time([x[c] for x in rs], w)
+            base = step_median_time([x[c] for x in runs["none"]], w)
+            out[n][c] = {
+                "run_means": [statistics.mean(x[c]) for x in rs],
+                "time": mine,
+                "ratio": mine / base,
+                "ratios": paired[n][c] if n != "none" else [],
+            }
+    return out
 
 
 # reporting -------------------------------------------------------------------------------------------------
-def med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def fmt_ratio(cell: dict[str, list[float]] | None) -> str:
-    if not cell or not cell["ratios"]:
+def fmt_ratio(cell: dict[str, Any] | None) -> str:
+    if not cell:
         return "n/a"
     r = cell["ratios"]
-    return f"{med(r):.3f}x ({min(r):.3f}-{max(r):.3f})"
+    spread = f" ({min(r):.3f}-{max(r):.3f})" if r else ""
+    return f"{cell['ratio']:.3f}x{spread}"
 
 
 def machine() -> str:
@@ -411,10 +425,12 @@ def table(results: dict[str, Any], cadence: int, clock: str) -> list[str]:
     lines.append("|---|" + "---|" * len(models))
     row = ["no callback (time per step)"]
     for m in models:
-        row.append(f"{med(results['cells'][m][str(cadence)]['none'][clock]['times']) * 1e3:.2f} ms")
+        row.append(f"{results['cells'][m][str(cadence)]['none'][clock]['time'] * 1e3:.2f} ms")
     lines.append("| " + " | ".join(row) + " |")
     for cfg in CONFIGS[1:]:
         if not cfg.runs_at(cadence):
+            continue
+        if not any(cfg.name in results["cells"][m][str(cadence)] for m in models):
             continue
         row = [cfg.label]
         for m in models:
@@ -433,15 +449,18 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines.append("")
     lines.append(
         f"Command: `{results['command']}` ({args.repeats} interleaved repeats; steady state over {args.window} "
-        f"steps after {args.warmup} warm-up steps, {args.window1} after {args.warmup1} at log_every_n_steps=1; "
+        f"steps ({args.window_anchor} for the anchors) after {args.warmup} warm-up steps, {args.window1} after "
+        f"{args.warmup1} at log_every_n_steps=1; "
         f"{results['seconds'] / 60:.0f} min). Every run: `lightning.Trainer` on CPU, `TensorBoardLogger`, "
         f"`gradient_clip_val={CLIP}`, AdamW, the model logs its loss with `self.log` every step."
     )
     lines.append("")
     lines.append(
-        f"Cells: median ratio of the {names[clock]} per training step to the same run without any callback "
-        "(lowest-highest over the repeats, each against its neighbouring baseline runs); the first row gives "
-        "the time per step without callback."
+        f"Cells: {names[clock]} per training step relative to the same training without any callback. The "
+        "headline number compares, step by step over the timed window, the median over the repeats (so a run "
+        "slowed by another process does not count, while a cost that recurs at the same step in every run, such "
+        "as a logging step, does); in brackets the lowest and highest ratio of single runs to their neighbouring "
+        "baseline runs. The first row is the time per step without callback."
     )
     for cadence in results["cadences"]:
         lines += ["", f"## Trainer(log_every_n_steps={cadence}), {names[clock]}", ""]
@@ -474,7 +493,7 @@ def goals(results: dict[str, Any], clock: str) -> list[str]:
         cell = results["cells"].get(m, {}).get(default, {}).get("normcheck")
         if not cell:
             continue
-        r = med(cell[clock]["ratios"])
+        r = cell[clock]["ratio"]
         verdict = "holds" if r <= limit else "MISSED"
         out.append(
             f"NormCheck() defaults on the {MODELS[m].title} (log_every_n_steps={default}): {r:.3f}x "
@@ -486,7 +505,7 @@ def goals(results: dict[str, Any], clock: str) -> list[str]:
             ours, theirs = cells.get(ours_name), cells.get("pl_every_step")
             if not ours or not theirs:
                 continue
-            o, t = med(ours[clock]["ratios"]) - 1, med(theirs[clock]["ratios"]) - 1
+            o, t = ours[clock]["ratio"] - 1, theirs[clock]["ratio"] - 1
             verdict = "holds" if o <= t / 5 else "MISSED"
             out.append(
                 f"Per-layer gradient norms of every layer at every step on the {MODELS[m].title} "
@@ -511,18 +530,23 @@ def plot(results: dict[str, Any], path: Path, clock: str) -> bool:
         len(cadences), len(models), figsize=(5.2 * len(models), 4.2 * len(cadences)), squeeze=False
     )
     for row, cadence in enumerate(cadences):
-        names = [c for c in CONFIGS[1:] if c.runs_at(int(cadence))]
+        names = [
+            c
+            for c in CONFIGS[1:]
+            if c.runs_at(int(cadence)) and any(c.name in results["cells"][m][cadence] for m in models)
+        ]
         for col, m in enumerate(models):
             ax = axes[row][col]
             cells = results["cells"][m].get(cadence, {})
             ys = list(range(len(names)))
             meds, lo, hi = [], [], []
             for c in names:
-                rs = cells[c.name][clock]["ratios"] if c.name in cells else []
-                mid = med(rs) if rs else 1.0
+                cell = cells.get(c.name, {}).get(clock)
+                rs = cell["ratios"] if cell else []
+                mid = cell["ratio"] if cell else 1.0
                 meds.append(mid)
-                lo.append(mid - min(rs) if rs else 0.0)
-                hi.append(max(rs) - mid if rs else 0.0)
+                lo.append(max(0.0, mid - min(rs)) if rs else 0.0)
+                hi.append(max(0.0, max(rs) - mid) if rs else 0.0)
             colors = ["tab:blue" if c.kind == "normcheck" else "tab:red" for c in names]
             ax.barh(ys, [x - 1 for x in meds], left=1, xerr=[lo, hi], color=colors, capsize=2)
             ax.set_yticks(ys)
@@ -532,7 +556,7 @@ def plot(results: dict[str, Any], path: Path, clock: str) -> bool:
             ax.set_title(f"{MODELS[m].title}\nlog_every_n_steps={cadence}", fontsize=9)
             ax.set_xlabel("step time / no callback (log scale)", fontsize=8)
             ax.invert_yaxis()
-    fig.suptitle("Training-step time relative to no callback (blue: lightning_normcheck, red: anchors)")
+    fig.suptitle("Training-step time relative to no callback (blue: lightning_normcheck, red: anchors)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True
@@ -556,8 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 3
-    args.warmup, args.window = (50, 50) if args.quick else (50, 100)
-    args.warmup1, args.window1 = (25, 15) if args.quick else (25, 30)
+    # warm-up past the dense sampling of the first 20 steps; windows of whole logging periods (50)
+    args.warmup, args.window, args.window_anchor = (30, 50, 50) if args.quick else (30, 100, 50)
+    args.warmup1, args.window1 = (25, 10) if args.quick else (25, 20)
     torch.set_num_threads(1)
     models = args.models.split(",")
     cadences = [int(c) for c in args.cadences.split(",")]
@@ -579,12 +604,14 @@ def main(argv: list[str] | None = None) -> int:
             results["cells"][m] = {}
             for cadence in cadences:
                 names = [n for n in chosen if BY_NAME[n].runs_at(cadence)]
-                warmup, window = (args.warmup, args.window) if cadence != 1 else (args.warmup1, args.window1)
-                cells = measure(MODELS[m], cadence, names, args.repeats, warmup, window, logdir)
-                results["cells"][m][str(cadence)] = {
-                    n: {c: {"times": cell.times, "ratios": cell.ratios} for c, cell in by_clock.items()}
-                    for n, by_clock in cells.items()
-                }
+                if cadence == 1:
+                    warmup, windows = args.warmup1, {n: args.window1 for n in names}
+                else:
+                    warmup = args.warmup
+                    windows = {n: args.window_anchor if BY_NAME[n].kind == "anchor" else args.window for n in names}
+                results["cells"][m][str(cadence)] = measure(
+                    MODELS[m], cadence, names, args.repeats, warmup, windows, logdir
+                )
     results["seconds"] = time.time() - t_start
     results["goals"] = goals(results, args.clock)
     out = Path(args.out)
