@@ -149,6 +149,18 @@ def test_double_step_nested_and_when_it_makes_training_raise() -> None:
     assert "hidden_state_not_detached" not in codes(cb.findings)  # the extra step explains the error
 
 
+def test_healthy_skipped_batches() -> None:
+    """training_step returning None skips backward; Lightning still calls step() (with no gradients)."""
+
+    class Skipping(LitModel):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return None if batch_idx % 2 else super().training_step(batch, batch_idx)
+
+    cb = detector()
+    fit(Skipping(mlp(), optimizer="adam"), loader(regression_data()), [cb], max_steps=8)
+    assert bad(cb.findings) == []
+
+
 class GAN(L.LightningModule):
     """Two optimizers alternating every batch (manual optimization), each stepping once."""
 
