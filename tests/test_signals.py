@@ -137,6 +137,22 @@ def test_input_scale_nan_feature_is_an_error() -> None:
     assert f.severity == "error" and f.step == 0 and "column 6 of batch[0]" in f.message and "impute" in f.message
 
 
+def test_input_scale_found_when_training_raises() -> None:
+    class Raising(LitModel):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if batch_idx == 0:  # before any optimizer step: only the flush of on_exception can report
+                raise RuntimeError("loss exploded, stopping")  # e.g. the user's own guard
+            return super().training_step(batch, batch_idx)
+
+    x, y = tabular()
+    x[:, 4] = x[:, 4] * 3e3 + 1e4
+    cb = NormCheck(print_summary=False)
+    with pytest.raises(RuntimeError, match="loss exploded"):
+        fit(Raising(mlp(), lr=1e-3), loader(TensorDataset(x, y)), [cb], max_steps=10, log_every_n_steps=50)
+    f = finding(cb, "input_scale")
+    assert f.severity == "warning" and "column 4 of batch[0]" in f.message
+
+
 def test_raw_features_behind_a_first_batchnorm_are_info_only() -> None:
     x, y = tabular()
     x[:, 2] = x[:, 2] * 1500.0 + 4000.0
