@@ -343,7 +343,7 @@ def test_label_scale_dict_batch_diverging_sgd(manual: bool) -> None:
     cb = NormCheck(print_summary=False)
     fit(DictRegression(manual), DataLoader(DictData(1e4), batch_size=16), [cb], max_steps=10, log_every_n_steps=50)
     f = finding(cb, "label_scale")
-    assert f.step == 0 and "batch['target']" in f.message and "dict key 'target'" in f.message
+    assert f.step == 0 and "batch['target']" in f.message and "batch key 'target'" in f.message
 
 
 def test_exploding_network_with_small_labels_is_not_label_scale() -> None:
@@ -581,3 +581,29 @@ def test_batch_hooks_do_not_sync_with_the_host(monkeypatch: pytest.MonkeyPatch) 
     fit(LitModel(mlp(), lr=1e-3), loader(TensorDataset(x, 1e4 * y + 3e4)), [cb], max_steps=4, log_every_n_steps=50)
     assert cb.disabled_monitors == []
     assert {"input_scale", "label_scale"} <= codes(cb.findings)
+
+
+def test_batch_structures_and_target_guess() -> None:
+    from dataclasses import dataclass
+
+    from lightning_normcheck.callbacks._signals import _guess_target, _walk
+
+    @dataclass
+    class Batch:
+        features: torch.Tensor
+        target: torch.Tensor
+        ids: torch.Tensor
+
+    x, y, ids = torch.randn(4, 3), torch.randn(4, 1), torch.arange(4)
+    found: list[Any] = []
+    _walk(Batch(x, y, ids), "batch", 0, found)
+    assert [(d, lb) for d, lb, _ in found] == [("batch.features", "features"), ("batch.target", "target")]
+    assert _guess_target(Batch(x, y, ids))[0] is y
+    found = []
+    _walk({"inputs": {"num": x, "tok": ids}, "labels": y}, "batch", 0, found)
+    assert [d for d, _, _ in found] == ["batch['inputs']['num']", "batch['labels']"]
+    assert _guess_target({"inputs": {"num": x}, "labels": y})[0] is y
+    assert _guess_target((x, y))[0] is y
+    assert _guess_target((x, ids))[0] is None  # class ids: classification, no regression target
+    assert _guess_target((x,))[0] is None and _guess_target(x)[0] is None
+    assert _guess_target((x, torch.randn(5, 1)))[0] is None  # not one value per example

@@ -10,6 +10,7 @@ are in :mod:`lightning_normcheck.diagnosis.data`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -49,7 +50,10 @@ def _walk(batch: Any, name: str, depth: int, out: list[tuple[str, str, Tensor]])
             label = name[len("batch") :].strip("[]'.").replace("][", ".").replace("'", "") or "batch"
             out.append((name, label, batch))
         return
-    if isinstance(batch, Mapping):
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        for fld in dataclasses.fields(batch):
+            _walk(getattr(batch, fld.name, None), f"{name}.{fld.name}", depth + 1, out)
+    elif isinstance(batch, Mapping):
         for k, v in batch.items():
             _walk(v, f"{name}[{k!r}]", depth + 1, out)
     elif isinstance(batch, (tuple, list)):
@@ -59,10 +63,12 @@ def _walk(batch: Any, name: str, depth: int, out: list[tuple[str, str, Tensor]])
 
 def _guess_target(batch: Any) -> tuple[Tensor | None, str]:
     """The tensor that looks like the regression target, and why (``None`` when nothing does)."""
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        batch = {fld.name: getattr(batch, fld.name, None) for fld in dataclasses.fields(batch)}
     if isinstance(batch, Mapping):
         for k, v in batch.items():
             if isinstance(k, str) and k.lower() in TARGET_NAMES and isinstance(v, Tensor):
-                return (v, f"dict key {k!r}") if v.is_floating_point() else (None, "")
+                return (v, f"batch key {k!r}") if v.is_floating_point() else (None, "")
         return None, ""
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         last, first = batch[-1], batch[0]
@@ -215,7 +221,9 @@ class _BatchScale(_Monitor):
             top = []
             for j in range(min(TOP_K, n_features)):
                 g = {key: values.get(f"{p}{key}/{j}", math.nan) for key in _VECTOR_STATS}
-                top.append(DD.FeatureStat(index=int(g.pop("idx")), **g))
+                index = g.pop("idx")
+                if math.isfinite(index):
+                    top.append(DD.FeatureStat(index=int(index), **g))
             inputs.append(
                 DD.InputScale(
                     display,
