@@ -181,10 +181,11 @@ class GAN(L.LightningModule):
             opt_g.zero_grad()
             self.manual_backward(g_loss)
             opt_g.step()
-        # discriminator
-        d_loss = F.softplus(-self.d(x)).mean() + F.softplus(self.d(self.g(z).detach())).mean()
+        # discriminator, DCGAN style: real and fake losses backpropagated one after the other, not divided
         opt_d.zero_grad()
-        self.manual_backward(d_loss)
+        real, fake = self.d(x), self.d(self.g(z).detach())
+        self.manual_backward(F.binary_cross_entropy_with_logits(real, torch.ones_like(real)))
+        self.manual_backward(F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
         opt_d.step()
 
     def configure_optimizers(self) -> Any:

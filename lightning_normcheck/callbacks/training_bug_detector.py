@@ -190,7 +190,8 @@ class _TrainingBugs(_Monitor):
         factors = [f for _, f, _ in bwd]
         # micro-batches: one backward per batch, or the same loss computation repeated within a batch (two
         # different losses backpropagated one after the other are a sum of objectives, not accumulation)
-        same_loss = len({g for _, _, g in bwd}) == 1
+        # (DCGAN's errD_real.backward(); errD_fake.backward() is two look-alike losses: in-batch needs k >= 3)
+        same_loss = len({g for _, _, g in bwd}) == 1 and k >= B.MIN_CHUNKS
         if win.raw_bwd or k < 2 or not (len(batches) == k or same_loss) or any(f is None for f in factors):
             w.accum = []
             return

@@ -46,6 +46,9 @@ MIN_HALF = 2
 UNSCALED_TOL = 0.05
 #: Windows in a row with the same k > 1 before accumulation is called accumulation (not a skipped step).
 ACCUM_WINDOWS = 2
+#: Backward passes of the same loss inside one training_step that count as micro-batches: 2 look-alike
+#: losses are common and legitimate (DCGAN's real and fake discriminator losses), 3 or more are chunks.
+MIN_CHUNKS = 3
 #: Extra steps seen before reporting a double step (one could be a deliberate one-off, two are a pattern).
 DOUBLE_STEP_MIN = 2
 
