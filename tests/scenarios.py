@@ -464,6 +464,13 @@ PLANTED: list[Scenario] = [
         raises=True,
         notes="the user's own check raises on the NaN loss",
     ),
+    Scenario(
+        "nonfinite_grads_anomaly_raises",
+        lambda: (SqrtLoss(mlp(), lr=1e-3), reg(), {"detect_anomaly": True}),
+        ("nonfinite_gradients",),
+        raises=True,
+        notes="Trainer(detect_anomaly=True) raises in backward at the NaN gradient",
+    ),
 ]
 
 HEALTHY: list[Scenario] = [

@@ -342,3 +342,17 @@ def test_real_run_step0_init_advice_without_a_logger() -> None:
     (f,) = [f for f in bad(cb.findings) if f.code == "exploding_activations"]
     assert f.step == 0 and f.layer is not None and f.layer.startswith("net.")
     assert "net.0: std" in f.message and "Kaiming: std" in f.message
+
+
+def test_activation_monitor_alone_names_the_first_nonfinite_module() -> None:
+    from lightning_normcheck import ActivationNormMonitor
+
+    class Overflow(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 1e30 * 1e30  # inf in float32
+
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), Overflow(), nn.Linear(16, 1))
+    cb = ActivationNormMonitor(print_summary=False)
+    fit(LitModel(net, lr=1e-3), loader(regression_data(n=64)), [cb], max_steps=2)
+    (f,) = bad(cb.findings)
+    assert (f.code, f.layer, f.step, f.severity) == ("exploding_activations", "net.2", 0, "error")

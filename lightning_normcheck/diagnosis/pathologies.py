@@ -475,6 +475,9 @@ def diagnose_activations(
     """
     th = th or THRESHOLDS
     rms = {n: values[f"normcheck/act_rms/{n}"] for n in order if f"normcheck/act_rms/{n}" in values}
+    if any(not math.isfinite(v) for v in rms.values()):
+        # normally the gradient monitor already reported the first non-finite value; alone, say it here
+        diagnose_nonfinite(findings, GradientHistory(), [], values, step, th=th)
     if rms:
         _activation_depth(findings, history, rms, values, order, modules, step, th)
     _dead_units(findings, history, values, order, modules, step, window, th)
@@ -580,6 +583,9 @@ def _activation_depth(
         return
     n, r, s0, v0, v1 = worst
     up = r > 1
+    existing = [f for f in findings.findings if f.code == ("exploding_activations" if up else "vanishing_activations")]
+    if any(f.layer != n for f in existing):
+        return  # already reported (a depth trend or another layer): one story per code, not one per layer
     findings.report(
         "exploding_activations" if up else "vanishing_activations",
         "warning",
@@ -835,6 +841,22 @@ def explain_exception(findings: FindingLog, exception: BaseException, step: int)
                 f" Training then raised {text} at step {step}: most likely a consequence of this"
                 f" {f.code.replace('_', ' ')} (seen from step {f.step})."
             )
+        return
+    if mentions_nonfinite and "backward" in text.lower():
+        # e.g. Trainer(detect_anomaly=True): "Function 'SqrtBackward0' returned nan values in its 0th output."
+        findings.report(
+            "nonfinite_gradients",
+            "error",
+            step,
+            None,
+            f"training raised {text} at step {step}: the backward pass produced a non-finite gradient (the op"
+            " is named in the exception) before the optimizer step. Likely causes, most likely first: an op whose"
+            " derivative is infinite where it is used (sqrt or norm of 0, log of 0, pow with a fractional exponent"
+            " of 0, division by ~0), overflow after exploding activations, fp16 range. What to try: add an eps"
+            " (torch.sqrt(x + 1e-12)), clamp before log/division, lower the LR, clip gradients"
+            " (gradient_clip_val=1.0).",
+            exception=text,
+        )
         return
     if mentions_nonfinite:
         findings.report(
