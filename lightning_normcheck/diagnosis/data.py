@@ -26,8 +26,10 @@ from typing import Any
 from lightning_normcheck.findings import Finding, FindingLog
 
 # --- thresholds ---------------------------------------------------------------------------------------------
-#: Standardized features sit within ~5 (Gaussian) and rarely pass ~100 (heavy tails); the issue's raw
-#: features are "in the thousands and up" and a tiny-std column gives ~1e4+: 1e3 splits the two.
+#: Standardized features sit within ~5 (Gaussian) and rarely pass ~100 (heavy tails); a column truly
+#: standardized over N rows has |z| <= sqrt(N - 1) (Samuelson), so 1e3 needs 1e6+ rows and one value
+#: carrying all the variance. The issue's raw features are "in the thousands and up" and a tiny-std
+#: column gives ~1e4+: 1e3 splits the two.
 INPUT_SCALE = 1e3
 #: A feature is "mostly near zero" when this fraction of its entries is within 1% of its max |x|:
 #: a nearly constant column divided by a tiny std is ~0 except for rare huge values.
