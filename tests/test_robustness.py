@@ -196,6 +196,53 @@ def test_failing_forward_hook_is_switched_off_and_training_unchanged(monkeypatch
     assert leftover_hooks(model, [model.opt]) == []
 
 
+HOOK_KINDS = {"module": nn.Module, "tensor": torch.Tensor, "optimizer": torch.optim.Optimizer}
+
+
+@pytest.mark.parametrize("kind", sorted(HOOK_KINDS))
+def test_failing_hook_of_each_kind_is_switched_off(kind: str) -> None:
+    """Every hook a monitor puts in the user's code (forward, tensor grad, optimizer step) raising once."""
+    cb = NormCheck(print_summary=False, log_every_n_steps=1)
+    raised: list[int] = []
+    guard = cb._guard
+
+    def failing_guard(monitor: Any, fn: Any) -> Any:
+        def hook(*args: Any, **kwargs: Any) -> Any:
+            if args and isinstance(args[0], HOOK_KINDS[kind]):
+                raised.append(1)
+                raise RuntimeError(f"injected failure in a {kind} hook")
+            return fn(*args, **kwargs)
+
+        return guard(monitor, hook)
+
+    cb._guard = failing_guard  # type: ignore[method-assign]
+    seen: list[tuple[int, int]] = []
+
+    class Spy(DropBN):
+        def __init__(self) -> None:
+            super().__init__()
+            seen.clear()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if kind == "module":
+                n = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.modules())
+            elif kind == "tensor":
+                n = sum(len(p._backward_hooks or {}) for p in self.parameters())
+            else:
+                n = len(self.opt._optimizer_step_post_hooks) + len(self.opt._optimizer_step_pre_hooks)
+            seen.append((self.trainer.global_step, n))
+            return super().training_step(batch, batch_idx)
+
+    plain, watched, cb, failed, model = run_pair(Spy, cls_loader, max_steps=8, cb=cb)
+    assert_identical(plain, watched)
+    assert raised, f"no {kind} hook was registered"
+    assert cb.disabled_monitors and len(failed) == len(cb.disabled_monitors)  # one warning per monitor
+    assert all(f"injected failure in a {kind} hook" in w for w in failed)
+    # every monitor with a hook of this kind failed at its first call: from the next step on, none is left
+    assert max(n for _, n in seen) > 0 and all(n == 0 for step, n in seen if step >= 1), seen
+    assert leftover_hooks(model, [model.opt]) == []
+
+
 def test_failing_optimizer_hook_is_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     logger = MemLogger()
 
@@ -388,6 +435,20 @@ def test_two_normchecks_in_one_trainer_have_distinct_state_keys(tmp_path: Path) 
     assert a.state_key in saved and b.state_key in saved
 
 
+def test_pickle_and_deepcopy_keep_the_configuration() -> None:
+    import copy
+    import pickle
+
+    cb = NormCheck(activations=False, clip_threshold=1.0, print_summary=False)
+    fit(DropBN(), cls_loader(), [cb], max_steps=3)
+    for clone in (pickle.loads(pickle.dumps(cb)), copy.deepcopy(cb)):
+        assert clone.state_key == cb.state_key
+        assert [m.name for m in clone._monitors] == [m.name for m in cb._monitors]
+        model = DropBN()
+        fit(model, cls_loader(), [clone], max_steps=3)
+        assert clone.disabled_monitors == [] and leftover_hooks(model, [model.opt]) == []
+
+
 # ----------------------------------------------------------------------------------------------------
 # resume
 
@@ -570,6 +631,29 @@ class LBFGSModel(LitModel):
         return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
 
 
+class ManualLBFGS(LitModel):
+    """Manual optimization with an LBFGS closure (the closure runs forward and backward several times)."""
+
+    def __init__(self) -> None:
+        super().__init__(mlp(depth=2))
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        opt = self.optimizers()
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()  # type: ignore[union-attr]
+            loss = nn.functional.mse_loss(self(x), y)
+            self.manual_backward(loss)
+            return loss
+
+        opt.step(closure=closure)  # type: ignore[union-attr]
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=3)
+
+
 class Scheduled(DropBN):
     def configure_optimizers(self) -> Any:
         self.opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
@@ -597,6 +681,9 @@ class Stream(IterableDataset):
         ("accumulate_grad_batches", DropBN, cls_loader, {"accumulate_grad_batches": 3}),
         ("step_lr_scheduler", Scheduled, cls_loader, {}),
         ("gradient_clipping", DropBN, cls_loader, {"gradient_clip_val": 0.5}),
+        ("clip_by_value", DropBN, cls_loader, {"gradient_clip_val": 0.05, "gradient_clip_algorithm": "value"}),
+        ("manual_lbfgs_closure", ManualLBFGS, lambda: loader(regression_data(64)), {}),
+        ("bf16_mixed", DropBN, cls_loader, {"precision": "bf16-mixed"}),
     ],
 )
 def test_works_with(name: str, make: Any, data: Any, kw: dict[str, Any]) -> None:

@@ -371,6 +371,14 @@ class _NormCheckBase(Callback):
         self._new_findings: list[Finding] = []
         self._findings.listeners.append(self._new_findings.append)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the per-fit run (trainer, weak model reference) is rebuilt at the next setup: a used callback
+        # can be pickled (ddp_spawn) and deep-copied
+        state = dict(self.__dict__)
+        state["_run"] = None
+        state["_removal_pending"] = []
+        return state
+
     # public API -------------------------------------------------------------------------------------
     @property
     def findings(self) -> list[Finding]:
