@@ -436,7 +436,11 @@ class Stateful(L.LightningModule):
 
     def __init__(self, detach: bool, retain_graph: bool = False, kind: str = "lstm") -> None:
         super().__init__()
-        self.rnn = (nn.LSTM if kind == "lstm" else nn.GRU)(4, 8, batch_first=True)
+        self.kind = kind
+        if kind == "cell":
+            self.rnn: nn.Module = nn.LSTMCell(4, 8)
+        else:
+            self.rnn = (nn.LSTM if kind == "lstm" else nn.GRU)(4, 8, batch_first=True)
         self.head = nn.Linear(8, 1)
         self.detach, self.retain_graph = detach, retain_graph
         self.hidden: Any = None
@@ -449,8 +453,15 @@ class Stateful(L.LightningModule):
             self.hidden = (
                 tuple(h.detach() for h in self.hidden) if isinstance(self.hidden, tuple) else self.hidden.detach()
             )
-        out, self.hidden = self.rnn(x, self.hidden)
-        loss = F.mse_loss(self.head(out[:, -1]), y)
+        if self.kind == "cell":  # a cell looped over time; the state is scaled before use (a new graph node)
+            state = None if self.hidden is None else tuple(0.9 * h for h in self.hidden)
+            for t in range(x.shape[1]):
+                state = self.rnn(x[:, t], state)
+            self.hidden, last = state, state[0]
+        else:
+            out, self.hidden = self.rnn(x, self.hidden)
+            last = out[:, -1]
+        loss = F.mse_loss(self.head(last), y)
         if self.retain_graph:
             opt = self.optimizers()
             opt.zero_grad()
@@ -473,8 +484,17 @@ def test_hidden_state_not_detached_raises_and_is_explained(retain_graph: bool) -
     assert "Training then raised" in f.message  # tied to the exception
 
 
+def test_hidden_state_not_detached_cell_loop() -> None:
+    """An LSTMCell looped over time, the carried state rescaled first: found at the first call of batch 1."""
+    cb = detector()
+    with pytest.raises(RuntimeError, match="second time|inplace"):
+        fit(Stateful(detach=False, kind="cell"), loader(sequence_data()), [cb], max_steps=6)
+    f = finding(cb, "hidden_state_not_detached")
+    assert f.layer == "rnn" and "built during batch 0" in f.message
+
+
 def test_hidden_state_detached_tbptt_is_healthy() -> None:
-    for kind in ("lstm", "gru"):
+    for kind in ("lstm", "gru", "cell"):
         cb = detector()
         fit(Stateful(detach=True, kind=kind), loader(sequence_data()), [cb], max_steps=6)
         assert bad(cb.findings) == [], kind

@@ -83,6 +83,7 @@ class _TrainingBugs(_Monitor):
         self._marker_leaf: Tensor | None = None
         self._markers: list[tuple[int, int]] = []  # (batch, autograd sequence number at its start)
         self._stale: list[str] = []
+        self._checked: dict[str, int] = {}  # RNN module -> batch whose first call was checked
         self._pending: list[tuple[str, _OptimizerWatch, int, int, Tensor, Tensor]] = []
         self._queued: list[tuple[str, _OptimizerWatch, int, int]] = []
         self._probes_pending: list[tuple[str, int, int, Tensor]] = []
@@ -211,16 +212,18 @@ class _TrainingBugs(_Monitor):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if run.probing or not self._markers or not torch.is_grad_enabled():
                 return None
+            if self._checked.get(name) == self.batches:
+                return None  # a stale state enters at the module's first call of a batch (cells loop over time)
+            self._checked[name] = self.batches
             hx = args[1] if len(args) > 1 else kwargs.get("hx")
             states = [hx] if isinstance(hx, Tensor) else list(hx) if isinstance(hx, (tuple, list)) else []
             marker = self._markers[-1][1]
             for h in states:
                 fn = getattr(h, "grad_fn", None) if isinstance(h, Tensor) else None
-                if fn is None:
-                    continue
-                seq = fn._sequence_nr()
-                if seq >= marker:
-                    continue  # built in this batch (an encoder state, a learned h0): fine
+                old = B.oldest_node(fn, marker) if fn is not None else None
+                if old is None:
+                    continue  # built in this batch (an encoder state, a learned h0) or detached: fine
+                seq = old._sequence_nr()
                 origin = None
                 for b, mark in reversed(self._markers[:-1]):
                     if seq >= mark:
@@ -229,7 +232,7 @@ class _TrainingBugs(_Monitor):
                 if name not in self._stale:
                     self._stale.append(name)
                 B.report_stale_hidden(
-                    run.findings, run.step, name, self.batches - 1, origin, type(fn).__name__, str(tuple(h.shape))
+                    run.findings, run.step, name, self.batches - 1, origin, type(old).__name__, str(tuple(h.shape))
                 )
                 break
             return None

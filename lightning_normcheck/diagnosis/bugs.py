@@ -159,6 +159,26 @@ def graph_signature(grad_fn: Any, max_nodes: int = 24) -> tuple[str, ...]:
     return tuple(out)
 
 
+def oldest_node(grad_fn: Any, marker: int, max_nodes: int = 32) -> Any:
+    """A node of the graph above ``grad_fn`` built before ``marker`` (an autograd sequence number), or None.
+
+    Autograd numbers the nodes it creates in increasing order (per thread), so a node numbered below the
+    number taken at the start of a batch comes from an earlier batch. Parameters' ``AccumulateGrad`` nodes
+    carry the largest number and never match. Looks at the first ``max_nodes`` nodes only (pure Python).
+    """
+    stack = [grad_fn]
+    seen: set[int] = set()
+    while stack and len(seen) < max_nodes:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node._sequence_nr() < marker:
+            return node
+        stack.extend(n for n, _ in getattr(node, "next_functions", ()))
+    return None
+
+
 def _leading_size(batch: Any) -> int | None:
     """The leading (batch) size of the first tensor with at least one dimension."""
     if isinstance(batch, Tensor):
@@ -527,6 +547,7 @@ __all__ = [
     "diagnose_reduction",
     "explain_graph_exception",
     "graph_signature",
+    "oldest_node",
     "loss_scale_factor",
     "reduction_verdict",
     "report_accumulation",
