@@ -289,6 +289,7 @@ class BNDropNet(LitModel):
         self.register_buffer("seen", torch.zeros(()))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        batch[0].mul_(1.5)  # edits its batch in place (an in-place augmentation)
         self.calls += 1
         self.seen += batch[0].shape[0]  # in place, like a torchmetrics state
         loss = super().training_step(batch, batch_idx)

@@ -216,7 +216,7 @@ def _slice(batch: Any, start: int, stop: int, n: int) -> Any:
             return batch
         if batch.shape[0] != n:
             raise _Unsplittable
-        return batch[start:stop]
+        return batch[start:stop].clone()  # a copy: a training_step that edits its batch in place edits ours
     if isinstance(batch, Mapping):
         out = {k: _slice(v, start, stop, n) for k, v in batch.items()}
         try:
