@@ -265,18 +265,26 @@ class OddModel(L.LightningModule):
 
 
 class NoParams(L.LightningModule):
-    """Zero parameters: manual optimization, no optimizer, a forward of parameterless modules."""
+    """Zero parameters: manual optimization, a forward of parameterless modules, and either no optimizer
+    or a dummy one (over a parameter outside the model) stepped without any gradient."""
 
-    def __init__(self) -> None:
+    def __init__(self, dummy_optimizer: bool = False) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.body = nn.Sequential(nn.ReLU(), nn.Tanh(), nn.Dropout(0.1))
         self.seen = 0
+        self.dummy_optimizer = dummy_optimizer
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         self.seen += int(self.body(batch[0]).shape[0])
+        if self.dummy_optimizer:
+            opt = self.optimizers()
+            opt.zero_grad()  # type: ignore[union-attr]
+            opt.step()  # type: ignore[union-attr]
 
-    def configure_optimizers(self) -> None:
+    def configure_optimizers(self) -> Any:
+        if self.dummy_optimizer:
+            return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
         return None
 
 
@@ -361,10 +369,12 @@ def test_sparse_gradient_norm_is_measured() -> None:
 
 
 @settings(max_examples=5, deadline=None)
-@given(steps=st.integers(1, 6), every=st.sampled_from([1, 2, 50]))
-def test_model_without_parameters(steps: int, every: int) -> None:
+@given(steps=st.integers(1, 6), every=st.sampled_from([1, 2, 50]), dummy_optimizer=st.booleans())
+@example(steps=3, every=1, dummy_optimizer=True)
+@example(steps=3, every=1, dummy_optimizer=False)
+def test_model_without_parameters(steps: int, every: int, dummy_optimizer: bool) -> None:
     L.seed_everything(0, verbose=False)
-    model = NoParams()
+    model = NoParams(dummy_optimizer)
     cb = NormCheck(print_summary=False)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")

@@ -104,7 +104,7 @@ def leftover_hooks(model: nn.Module, optimizers: list[torch.optim.Optimizer]) ->
 
 
 def failed_warnings(record: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in record if "monitor failed" in str(w.message)]
+    return [str(w.message) for w in record if "switched off for the rest of this fit" in str(w.message)]
 
 
 def run_pair(make_model: Any, data: Any, max_steps: int = 12, cb: NormCheck | None = None, **kw: Any) -> tuple[
@@ -273,6 +273,23 @@ def test_failing_diagnosis_is_switched_off() -> None:
     plain, watched, cb, failed, model = run_pair(DropBN, cls_loader, max_steps=12, cb=cb)
     assert_identical(plain, watched)
     assert cb.disabled_monitors == ["gradient_norm"] and len(calls) == 1 and len(failed) == 1
+
+
+@pytest.mark.parametrize("where", ["_Run.__init__", "_Run.transfer"])
+def test_failing_shared_plumbing_switches_everything_off(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_normcheck.callbacks import _base
+
+    cls_name, method = where.split(".")
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"injected failure in {where}")
+
+    monkeypatch.setattr(getattr(_base, cls_name), method, boom)
+    plain, watched, cb, failed, model = run_pair(DropBN, cls_loader, max_steps=10)
+    assert_identical(plain, watched)
+    assert cb.disabled_monitors == sorted(m.name for m in cb._monitors)
+    assert len(failed) == 1 and f"injected failure in {where}" in failed[0]
+    assert leftover_hooks(model, [model.opt]) == []
 
 
 def test_odd_module_outputs_do_not_disable_anything() -> None:
