@@ -671,6 +671,41 @@ class ManualLBFGS(LitModel):
         return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=3)
 
 
+class SkipsBatches(DropBN):
+    """Returns None on every third batch (Lightning skips backward and the step) and a dict otherwise."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if batch_idx % 3 == 2:
+            return None
+        return {"loss": super().training_step(batch, batch_idx), "extra": torch.ones(3)}
+
+
+class TwoLoaders(DropBN):
+    """A dict of train loaders: the batch is a dict of (x, y) pairs."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch["a"], batch_idx) + super().training_step(batch["b"], batch_idx)
+
+
+class Batch:
+    """A custom batch object (no tensor at the top level)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+
+class CustomBatch(DropBN):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.net(batch.x), batch.y)
+
+
+def custom_batches() -> DataLoader:
+    def collate(items: list[Any]) -> Batch:
+        return Batch(torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
+
+    return DataLoader(classification_data(128), batch_size=16, collate_fn=collate)
+
+
 class Scheduled(DropBN):
     def configure_optimizers(self) -> Any:
         self.opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
@@ -701,6 +736,9 @@ class Stream(IterableDataset):
         ("clip_by_value", DropBN, cls_loader, {"gradient_clip_val": 0.05, "gradient_clip_algorithm": "value"}),
         ("manual_lbfgs_closure", ManualLBFGS, lambda: loader(regression_data(64)), {}),
         ("bf16_mixed", DropBN, cls_loader, {"precision": "bf16-mixed"}),
+        ("training_step_returns_none_or_dict", SkipsBatches, cls_loader, {}),
+        ("dict_of_train_loaders", TwoLoaders, lambda: {"a": cls_loader(), "b": cls_loader(False)}, {}),
+        ("custom_batch_object", CustomBatch, custom_batches, {}),
     ],
 )
 def test_works_with(name: str, make: Any, data: Any, kw: dict[str, Any]) -> None:
