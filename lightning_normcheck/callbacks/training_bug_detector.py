@@ -138,7 +138,7 @@ class _TrainingBugs(_Monitor):
                 win.bwd.setdefault(bid, (batch, scale, sig))
             if win.observed:
                 sq = torch.zeros((), device=grad.device) if p.grad is None else N.sum_of_squares(p.grad)
-                win.min_sq = sq if win.min_sq is None else torch.minimum(win.min_sq, sq)
+                win.min_sq = sq if win.min_sq is None else torch.minimum(win.min_sq, sq.to(win.min_sq.device))
             return None
 
         return hook
@@ -173,7 +173,8 @@ class _TrainingBugs(_Monitor):
             used_sq = None
             if observe:
                 grads = [p.grad for p in w.watched if p.grad is not None]
-                used_sq = torch.stack([N.sum_of_squares(g) for g in grads]).sum() if grads else None
+                dev = grads[0].device if grads else None
+                used_sq = torch.stack([N.sum_of_squares(g).to(dev) for g in grads]).sum() if grads else None
             w.window = _Window(observe, used_sq, step)
             w.steps += 1
             w.reached = False
