@@ -19,8 +19,11 @@ class NormCheck(_NormCheckBase):
     r"""Watch gradient, activation and weight norms, clipping and the training loop in one callback.
 
     ``NormCheck()`` bundles :class:`GradientNormMonitor`, :class:`ActivationNormMonitor`,
-    :class:`WeightDriftMonitor`, :class:`ClipRateTracker` and :class:`TrainingBugDetector`. They share
-    one gradient-norm pass per optimizer step, one sampling schedule, one host transfer and one logger
+    :class:`WeightDriftMonitor`, :class:`ClipRateTracker` and :class:`TrainingBugDetector`, plus checks of
+    the data (on sampled steps, the scale of the batch's float inputs and of the regression target:
+    ``normcheck/input/max_abs/<tensor>``, ``normcheck/target/median_abs/<tensor>``) and of intermittent
+    gradient-norm spikes against a running median. They share one gradient-norm pass per optimizer
+    step, one sampling schedule, one host transfer and one logger
     call per logging step. Its findings are in :attr:`findings` (one per code and layer), printed as a
     table at the end of fit, sent to Python logging, raised as warnings, and written as text to
     TensorBoard. Works with automatic and manual optimization and with any Lightning logger (or none).
