@@ -555,6 +555,36 @@ def test_resume_keeps_findings_histories_and_drift_reference(tmp_path: Path) -> 
         assert abs(logged - from_resume.item()) > 1e-3 * logged
 
 
+def test_resume_keeps_the_clipping_window(tmp_path: Path) -> None:
+    """The clip rate after a resume is over the steps before and after it (window 50 > 12 steps)."""
+    norms: dict[int, float] = {}
+
+    class PreClip(L.Callback):
+        def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, opt: Any) -> None:
+            sq = sum(float(p.grad.double().pow(2).sum()) for p in pl_module.parameters() if p.grad is not None)
+            norms[trainer.global_step] = sq**0.5
+
+    clip = 1.0
+    kw: dict[str, Any] = dict(gradient_clip_val=clip, enable_checkpointing=True)
+    L.seed_everything(0, verbose=False)
+    fit(DropBN(), cls_loader(), [NormCheck(print_summary=False), PreClip(), ModelCheckpoint(tmp_path, save_last=True)],
+        max_steps=6, **kw)
+    logger = MemLogger()
+    L.seed_everything(1, verbose=False)
+    t = trainer([NormCheck(print_summary=False), PreClip(), ModelCheckpoint(tmp_path / "2")], max_steps=12,
+                logger=logger, **kw)
+    t.fit(DropBN(), cls_loader(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert sorted(norms) == list(range(12))
+    ratios = [norms[s] / clip for s in range(12)]
+    clipped = [r for r in ratios if r > 1.0]
+    assert 0 < len(clipped) < 12, ratios  # a mix, so that the window's content matters
+    last = max(s for s, row in logger.rows if "normcheck/clip/rate" in row)
+    row = dict(next(r for s, r in logger.rows if s == last and "normcheck/clip/rate" in r))
+    assert last == 11
+    assert row["normcheck/clip/rate"] == pytest.approx(len(clipped) / 12, abs=1e-6)
+    assert row["normcheck/clip/mean_excess"] == pytest.approx(sum(clipped) / len(clipped), rel=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------------
 # memory
 
