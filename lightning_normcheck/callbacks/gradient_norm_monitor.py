@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from lightning_normcheck import diagnosis as D
 from lightning_normcheck import norms as N
 from lightning_normcheck.callbacks import _signals
@@ -31,24 +32,42 @@ class _GradientNorms(_Monitor):
         self._bad_loss_step: torch.Tensor | None = None  # first step with a non-finite loss (-1: none), on device
         self._bad_loss_value: torch.Tensor | None = None
         self._amp_scaler = False
+        self._losses: list[tuple[int, torch.Tensor]] = []  # (step, detached loss) since the last flush
 
     def setup(self, run: _Run) -> None:
         self._bad_loss_step = self._bad_loss_value = None
+        self._losses = []
         self._amp_scaler = getattr(getattr(run.trainer, "precision_plugin", None), "scaler", None) is not None
 
     def on_before_backward(self, run: _Run, loss: torch.Tensor) -> None:
-        # the first non-finite loss, tracked on the device with torch.where: no host sync
-        loss = loss.detach()
-        if self._bad_loss_step is None or self._bad_loss_step.device != loss.device:
-            self._bad_loss_step = torch.full((), -1.0, device=loss.device)
-            self._bad_loss_value = torch.zeros((), device=loss.device)
-        bad = ~torch.isfinite(loss).all()
-        first = bad & (self._bad_loss_step < 0)
-        value = loss.reshape(-1)[0].float() if loss.numel() else loss.new_zeros(()).float()
-        self._bad_loss_value = torch.where(first, value, self._bad_loss_value)
-        self._bad_loss_step = torch.where(first, torch.full_like(self._bad_loss_step, float(run.step)), self._bad_loss_step)
+        # hot path: only queue the loss; it is checked on the device at the next flush (no sync, no kernel)
+        self._losses.append((run.step, loss.detach()))
+        if len(self._losses) >= 1024:  # no flush for that long (raw optimizer steps): check now, keep memory flat
+            self._check_losses()
+
+    def _check_losses(self) -> None:
+        """Track the first non-finite loss (step and value) on the device with ``torch.where``: no host sync."""
+        if not self._losses:
+            return
+        losses, self._losses = self._losses, []
+        device = losses[0][1].device
+        if self._bad_loss_step is None or self._bad_loss_value is None or self._bad_loss_step.device != device:
+            self._bad_loss_step = torch.full((), -1.0, device=device)
+            self._bad_loss_value = torch.zeros((), device=device)
+        losses = [(s, x.to(device)) for s, x in losses]
+        bad = torch.stack([~torch.isfinite(x).all() for _, x in losses])
+        values = torch.stack(
+            [x.reshape(-1)[0].float() if x.numel() else x.new_zeros(()).float() for _, x in losses]
+        )
+        steps = torch.tensor([float(s) for s, _ in losses], device=device)
+        i = bad.float().argmax().reshape(1)  # the first non-finite one (argmax returns the first maximum)
+        first = bad.any() & (self._bad_loss_step < 0)
+        # index_select, not values[i]: indexing with a 0-d tensor reads it on the host
+        self._bad_loss_value = torch.where(first, values.index_select(0, i)[0], self._bad_loss_value)
+        self._bad_loss_step = torch.where(first, steps.index_select(0, i)[0], self._bad_loss_step)
 
     def collect(self, run: _Run) -> None:
+        self._check_losses()
         if self._bad_loss_step is not None and self._bad_loss_value is not None:
             run.add_metric("_nonfinite_loss_step", self._bad_loss_step)
             run.add_metric("_nonfinite_loss_value", self._bad_loss_value)
