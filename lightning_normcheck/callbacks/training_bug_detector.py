@@ -243,7 +243,6 @@ class _TrainingBugs(_Monitor):
     # Lightning hooks ------------------------------------------------------------------------------------------
     def on_train_batch_start(self, run: _Run, batch: Any, batch_idx: int) -> None:
         self.batches += 1
-        self._batch = batch
         self._batch_idx = batch_idx
         if self.rnn_modules:
             # the autograd sequence number now: any graph node below it was built in an earlier batch
@@ -261,6 +260,7 @@ class _TrainingBugs(_Monitor):
         ):
             # before the real forward: a probe between forward and backward would bump the version of
             # BatchNorm buffers saved for backward and break it
+            self._batch = batch
             self._probe_loss(run)
 
     def on_before_backward(self, run: _Run, loss: Tensor) -> None:
@@ -388,6 +388,9 @@ class _TrainingBugs(_Monitor):
             h.remove()
         self._handles = []
         self.watches = {}
+        self.rnn_modules = {}  # no model references kept after fit (the callback pickles small)
+        self._batch = None
+        self._marker_leaf = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": 1, "reduction": self._reduction, "probe_runs": self._probe_runs}
