@@ -78,6 +78,22 @@ def _guess_target(batch: Any) -> tuple[Tensor | None, str]:
     return None, ""
 
 
+def _task_of(batch: Any) -> str:
+    """``classification`` when the batch's labels are integers, ``regression`` when a float target is found."""
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        batch = {fld.name: getattr(batch, fld.name, None) for fld in dataclasses.fields(batch)}
+    labels: Any = None
+    if isinstance(batch, Mapping):
+        labels = next((v for k, v in batch.items() if isinstance(k, str) and k.lower() in TARGET_NAMES), None)
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        labels = batch[-1]
+    if not isinstance(labels, Tensor):
+        return ""
+    if labels.dtype == torch.bool or not (labels.is_floating_point() or labels.is_complex()):
+        return "classification"
+    return "regression"
+
+
 def _feature_axis(x: Tensor) -> tuple[int, str]:
     if x.ndim <= 1:
         return -1, "column"
@@ -282,15 +298,19 @@ class _GradientSpikes(_Monitor):
         self._recent: list[float] = []  # totals of the last steps, for the clipping hint
         self.clip_val: float | None = None
         self.clip_algorithm = "norm"
+        self.task: str | None = None  # "classification" / "regression" / "" (unknown), from the first batch
 
     def setup(self, run: _Run) -> None:
         trainer = run.trainer
         self.clip_val = float(trainer.gradient_clip_val) if trainer.gradient_clip_val else None
         self.clip_algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm")
         self._batches = OrderedDict()
+        self.task = None
 
     def on_train_batch_start(self, run: _Run, batch: Any, batch_idx: int) -> None:
         step = run.step
+        if self.task is None:
+            self.task = _task_of(batch)
         epoch = int(run.trainer.current_epoch)
         old = self._batches.get(step)
         self._batches[step] = (epoch, old[1], batch_idx) if old and old[0] == epoch else (epoch, batch_idx, batch_idx)
@@ -312,7 +332,9 @@ class _GradientSpikes(_Monitor):
     def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
         totals = [(s, v) for s, n, v in run.flushed_series if n == TOTAL_KEY]
         if totals:
-            DD.diagnose_spikes(run.findings, self.history, totals, self._batch_of, self._clipping(run), self.factor)
+            DD.diagnose_spikes(
+                run.findings, self.history, totals, self._batch_of, self._clipping(run), self.factor, self.task
+            )
             self._recent = (self._recent + [v for _, v in totals])[-DD.SPIKE_WINDOW :]
             if self.clip_algorithm == "norm":
                 DD.diagnose_clipping_hygiene(run.findings, step, self._recent, self.clip_val)

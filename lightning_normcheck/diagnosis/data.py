@@ -386,6 +386,16 @@ class SpikeHistory:
         self.last_step = int(state.get("last_step", -1))
 
 
+_SPIKE_CAUSES = {
+    "": "a corrupted or mislabeled example in those batches, a rare class the model keeps getting wrong, an "
+    "occasional bad batch (outliers, a different scale)",
+    "classification": "a rare class the model keeps getting wrong (its examples carry a large loss), a "
+    "mislabeled example in those batches, an occasional bad batch (outliers, a different scale)",
+    "regression": "a corrupted target (an outlier label far from the others) in those batches, an occasional "
+    "bad batch (outlier inputs, a different scale), a rare regime of the data the model keeps getting wrong",
+}
+
+
 def diagnose_spikes(
     findings: FindingLog,
     history: SpikeHistory,
@@ -393,6 +403,7 @@ def diagnose_spikes(
     batch_of: Callable[[int], str],
     clipping: str | None,
     factor: float = SPIKE_FACTOR,
+    task: str | None = None,
 ) -> None:
     """Report intermittent spikes of the total gradient norm (``gradient_spikes``), one finding in all.
 
@@ -408,6 +419,8 @@ def diagnose_spikes(
         batch_of: step -> a description of its batch (``"epoch 0, batch 17"``) or ``""``.
         clipping: a description of the clipping in use (``"gradient_clip_val=1.0"``), ``None`` if none.
         factor: the spike factor.
+        task: ``"classification"`` (integer targets), ``"regression"`` (float targets) or ``None``:
+            orders the likely causes.
     """
     new = history.update(totals, batch_of, factor)
     if not new:
@@ -427,8 +440,7 @@ def diagnose_spikes(
         f"the total gradient norm spiked {history.count} time(s) to {_g(factor)}x+ its running median and fell "
         f"back right after (worst {_g(worst.factor)}x at step {worst.step}, norm {_g(worst.norm)} vs median "
         f"{_g(worst.median)}; a clean run stays within 3x): {items}{more}. Likely causes, most likely first: "
-        "a corrupted or mislabeled example in those batches, a rare class the model keeps getting wrong, an "
-        f"occasional bad batch (outliers, a different scale). {clip} Check those batches (with shuffle=True "
+        f"{_SPIKE_CAUSES.get(task or '', _SPIKE_CAUSES[''])}. {clip} Check those batches (with shuffle=True "
         "the batch index does not identify the samples: log the sample indices), fix or drop bad labels, "
         "and for a rare class use class weights (CrossEntropyLoss(weight=...)) or a WeightedRandomSampler."
     )
