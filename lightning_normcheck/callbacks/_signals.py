@@ -176,7 +176,6 @@ class _BatchScale(_Monitor):
         self._meta: dict[str, tuple[str, str, int, int]] = {}  # label -> (display, axis, n_features, ndim)
         self._target: tuple[str, str, str] | None = None  # (label, display, why)
         self._step = -1
-        self._loss_queued = False
         self.normalized_by: str | None = None
 
     def setup(self, run: _Run) -> None:
