@@ -28,6 +28,7 @@ class _ClipRate(_Monitor):
         self._ratio: Tensor | None = None  # ring buffer of pre-clip measure / threshold
         self._pos = 0
         self._filled = 0
+        self._pending: list[Tensor] = []  # pre-clip measures not yet written into the ring buffers
         self.history = D.ClipHistory()
 
     def setup(self, run: _Run) -> None:
@@ -38,6 +39,7 @@ class _ClipRate(_Monitor):
         self.algorithm = self.clip_algorithm or str(getattr(trainer, "gradient_clip_algorithm", None) or "norm")
         self._clipped = None
         self._pos = self._filled = 0
+        self._pending = []
 
     def on_before_optimizer_step(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
         if self.threshold is None:
@@ -47,17 +49,33 @@ class _ClipRate(_Monitor):
             measure = N.tensor_norms(stats.grads, float("inf")).amax() if stats.grads else stats.total
         else:
             measure = stats.total
-        ratio = (measure / self.threshold).reshape(1)
-        if self._clipped is None:
-            self._clipped = torch.zeros(self.window, device=ratio.device)
-            self._ratio = torch.zeros(self.window, device=ratio.device)
-        i = self._pos % self.window
-        self._clipped[i : i + 1] = (ratio > 1.0).float()  # a device write: no host sync
-        self._ratio[i : i + 1] = ratio  # type: ignore[index]
-        self._pos += 1
-        self._filled = min(self._filled + 1, self.window)
+        # hot path: keep a reference only; the ring buffers are written in one go at the next flush
+        self._pending.append(measure)
+        if len(self._pending) >= self.window:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Write the pending measures into the ring buffers (device ops only: no host sync)."""
+        if not self._pending or self.threshold is None:
+            return
+        pending, self._pending = self._pending, []
+        ratios = torch.stack([m.reshape(()).float() for m in pending]) / self.threshold
+        device = ratios.device
+        if self._clipped is None or self._ratio is None:
+            self._clipped = torch.zeros(self.window, device=device)
+            self._ratio = torch.zeros(self.window, device=device)
+        elif self._clipped.device != device:  # restored from a checkpoint on the CPU
+            self._clipped, self._ratio = self._clipped.to(device), self._ratio.to(device)
+        kept = ratios[-self.window :]
+        first = self._pos + len(pending) - kept.numel()  # ring position of kept[0]
+        index = torch.tensor([(first + j) % self.window for j in range(kept.numel())], device=device)
+        self._clipped.index_copy_(0, index, (kept > 1.0).float())
+        self._ratio.index_copy_(0, index, kept)
+        self._pos += len(pending)
+        self._filled = min(self._filled + len(pending), self.window)
 
     def collect(self, run: _Run) -> None:
+        self._drain()
         if self._clipped is None or self._filled == 0 or self._ratio is None:
             return
         n = self._filled
@@ -77,6 +95,7 @@ class _ClipRate(_Monitor):
         )
 
     def state_dict(self) -> dict[str, Any]:
+        self._drain()
         return {
             "history": self.history.state_dict(),
             "clipped": None if self._clipped is None else self._clipped.cpu(),
