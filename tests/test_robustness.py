@@ -440,6 +440,27 @@ def test_validation_test_predict_are_not_measured() -> None:
     assert cb.disabled_monitors == [] and leftover_hooks(model, [model.opt]) == []
 
 
+def test_exception_in_a_later_validate_is_left_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    err = RuntimeError("Trying to backward through the graph a second time (raised by my validation_step)")
+
+    class BadVal(DropBN):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            raise err
+
+    model = BadVal()
+    cb = NormCheck()
+    t = trainer([cb], max_steps=6)
+    t.fit(model, cls_loader())
+    before = [(f.code, f.layer, f.count) for f in cb.findings]
+    capsys.readouterr()
+    with pytest.raises(RuntimeError) as info:
+        t.validate(model, loader(classification_data(32)), verbose=False)
+    assert info.value is err
+    assert [(f.code, f.layer, f.count) for f in cb.findings] == before  # not explained as a training bug
+    assert "normcheck" not in capsys.readouterr().err
+    assert leftover_hooks(model, [model.opt]) == []
+
+
 def test_two_normchecks_in_one_trainer_have_distinct_state_keys(tmp_path: Path) -> None:
     a, b = NormCheck(print_summary=False), NormCheck(activations=False, print_summary=False)
     assert a.state_key != b.state_key

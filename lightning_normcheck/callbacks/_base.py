@@ -607,7 +607,8 @@ class _NormCheckBase(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         run = self._run
-        if run is None:
+        # only an exception of this fit: one in a later validate/test/predict is not a training problem
+        if run is None or run.trainer is not trainer or getattr(trainer.state, "fn", None) != "fit":
             return
         try:
             self._flush(run.step)
