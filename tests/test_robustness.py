@@ -580,6 +580,31 @@ def test_resume_keeps_findings_histories_and_drift_reference(tmp_path: Path) -> 
         assert abs(logged - from_resume.item()) > 1e-3 * logged
 
 
+def test_lightning_restores_callback_state_after_setup_and_before_train_start(tmp_path: Path) -> None:
+    """The order _NormCheckBase relies on (state loaded into monitors already set up for the model)."""
+    order: list[str] = []
+
+    class Order(L.Callback):
+        def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+            order.append("setup")
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            order.append("load_state_dict")
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"x": 1}
+
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            order.append("on_train_start")
+
+    fit(DropBN(), cls_loader(), [Order(), ModelCheckpoint(tmp_path, save_last=True)], max_steps=2,
+        enable_checkpointing=True)
+    order.clear()
+    t = trainer([Order(), ModelCheckpoint(tmp_path / "2")], max_steps=3, enable_checkpointing=True)
+    t.fit(DropBN(), cls_loader(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert order == ["setup", "load_state_dict", "on_train_start"]
+
+
 def test_resume_keeps_the_clipping_window(tmp_path: Path) -> None:
     """The clip rate after a resume is over the steps before and after it (window 50 > 12 steps)."""
     norms: dict[int, float] = {}
