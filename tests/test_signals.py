@@ -430,7 +430,7 @@ def test_gradient_spikes_rare_class() -> None:
 
 @pytest.mark.parametrize("bs", [2, 8, 32])
 def test_clean_runs_have_no_spikes(bs: int) -> None:
-    steps = 60 if bs < 32 else 40
+    steps = 40
     x, y = tabular(steps * bs)
     rec = NormRecorder()
     cb = GradientNormMonitor(print_summary=False)
