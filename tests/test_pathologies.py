@@ -356,3 +356,15 @@ def test_activation_monitor_alone_names_the_first_nonfinite_module() -> None:
     fit(LitModel(net, lr=1e-3), loader(regression_data(n=64)), [cb], max_steps=2)
     (f,) = bad(cb.findings)
     assert (f.code, f.layer, f.step, f.severity) == ("exploding_activations", "net.2", 0, "error")
+
+
+def test_gradient_depth_follows_the_forward_order_not_registration() -> None:
+    names = ["head", "l0", "l1", "l2", "l3", "l4"]  # the head registered first, run last
+    grads = {"head": 1.0, "l0": 1e-9, "l1": 1e-8, "l2": 1e-6, "l3": 1e-3, "l4": 1e-1}
+    forward = {f"normcheck/act_rms/{n}": 1.0 for n in ["<input>", "l0", "l1", "l2", "l3", "l4", "head"]}
+    log, hist = FindingLog(), GradientHistory()
+    for s in range(2):
+        diagnose_gradients(log, hist, [(s, 1.0)], grads, s, names, values=forward)
+    (f,) = log.findings
+    assert (f.code, f.layer) == ("vanishing_gradients", "l0")
+    assert f.value == pytest.approx(((1e-9 + 1e-8) / 2) / ((1e-1 + 1.0) / 2))

@@ -222,18 +222,27 @@ def diagnose_nonfinite(
                 f" The first module whose output is non-finite (in execution order) is `{first_act}`:"
                 " that is where the value overflowed or a NaN was produced."
             )
-        elif loss_step < step or first_act is None:
+        elif loss_step == step and act_rms:
+            where = (
+                " Every module output was finite at that step: the NaN/inf arose in the loss computation itself"
+                " (log/sqrt/division of the prediction, or non-finite labels)."
+            )
+        else:
             where = " Activations were not sampled at that step, so the module that produced it is not known."
+        diverged = "learning rate too high (the run diverged: look for growing gradient norms before it)"
+        in_loss = "a log/sqrt/division of a value that reached 0 or below in the loss, or bad labels"
+        if loss_step == 0 or "loss computation" in where:  # nothing had time to diverge
+            causes = f"{in_loss}, init std too large, fp16 overflow, {diverged}"
+        else:
+            causes = f"{diverged}, init std too large, {in_loss}, fp16 overflow"
         findings.report(
             "nonfinite_loss",
             "error",
             loss_step,
             layer,
             f"the loss became {_fmt(loss_value)} at step {loss_step} (the first non-finite value of the run;"
-            f" later steps are not reported again).{where} Likely causes, most likely first: learning rate too"
-            " high (the run diverged: look for growing gradient norms before it), init std too large, a log/sqrt/"
-            "division of a value that reached 0 or below in the loss, fp16 overflow, bad labels. What to try:"
-            " lower the LR or add warmup, clip gradients (gradient_clip_val=1.0), add an eps to log/sqrt/"
+            f" later steps are not reported again).{where} Likely causes, most likely first: {causes}. What to"
+            " try: lower the LR or add warmup, clip gradients (gradient_clip_val=1.0), add an eps to log/sqrt/"
             "divisions, and run with Trainer(detect_anomaly=True) to find the op.",
             value=loss_value,
             module=layer,
@@ -251,7 +260,10 @@ def diagnose_nonfinite(
             layer = bad_layers[-1]  # backward reaches the output-side layers first
             where = f" Non-finite in {len(bad_layers)} of {len(layer_vals)} layers: {', '.join(bad_layers[:6])}."
         elif bad_layers:
-            where = " Every layer's gradient is non-finite: the NaN/inf comes from the loss's backward itself."
+            where = (
+                " Every layer's gradient is non-finite: the NaN/inf starts in the backward of the loss or of the"
+                " output layer."
+            )
         else:
             where = ""
         amp = " (the AMP GradScaler skipped these steps but the overflow did not stop)" if amp_scaler else ""
@@ -317,8 +329,18 @@ def diagnose_gradients(
     diagnose_nonfinite(findings, history, totals, values if values is not None else {}, step, amp_scaler, th)
     for s, v in totals:
         history.add("total", s, v)
-    _gradient_depth(findings, history, layers, step, layer_names, th)
+    _gradient_depth(findings, history, layers, step, _execution_order(layer_names, values or {}), th)
     _gradient_growth(findings, history, layers, step, th)
+
+
+def _execution_order(layer_names: list[str], values: dict[str, float]) -> list[str]:
+    """Layers in forward order when the activation sample of this step covers them all (modules can be
+    registered in another order than they run), else in registration order."""
+    prefix = "normcheck/act_rms/"
+    pos = {k[len(prefix) :]: i for i, k in enumerate(k for k in values if k.startswith(prefix))}
+    if layer_names and all(n in pos for n in layer_names if n):
+        return sorted(layer_names, key=lambda n: pos.get(n, -1))
+    return layer_names
 
 
 def _gradient_depth(
