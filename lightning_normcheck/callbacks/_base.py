@@ -208,6 +208,7 @@ class _Run:
             self.param_layer[id(p)] = layer_pos[layer]
             self.param_name[id(p)] = name
         self.metrics: dict[str, Tensor] = {}
+        self.blocks: list[tuple[list[str], Tensor]] = []  # add_metrics: (names, 1-D tensor of their values)
         self.series: list[tuple[int, str, Tensor]] = []
         self.flush_due = False
         self.flush_step = 0
@@ -296,26 +297,39 @@ class _Run:
         self.metrics[name] = value
 
     def add_metrics(self, prefix: str, values: Tensor, labels: list[str]) -> None:
-        for i, label in enumerate(labels):
-            self.metrics[f"{prefix}{label}"] = values[i]
+        """Queue a vector of scalars named ``prefix + label`` (kept as one tensor until the transfer)."""
+        if len(labels) != values.numel():  # a prefix of a longer vector: one by one
+            for i, label in enumerate(labels):
+                self.metrics[f"{prefix}{label}"] = values.reshape(-1)[i]
+            return
+        self.blocks.append(([f"{prefix}{label}" for label in labels], values))
 
     def add_series(self, step: int, name: str, value: Tensor) -> None:
         """Queue a per-step scalar (logged at its own step at the next flush)."""
         self.series.append((step, name, value))
 
+    @property
+    def pending(self) -> bool:
+        """Whether anything is queued for the next flush."""
+        return bool(self.metrics or self.blocks or self.series)
+
     def transfer(self) -> tuple[dict[str, float], list[tuple[int, str, float]]]:
-        """Move every queued scalar to the host in one transfer."""
-        names = list(self.metrics)
-        tensors = [self.metrics[n].detach().reshape(()) for n in names] + [
+        """Move every queued scalar to the host in one transfer (vectors stay whole: one copy each, no loop)."""
+        blocks, self.blocks = self.blocks, []
+        names = [n for block_names, _ in blocks for n in block_names] + list(self.metrics)
+        scalars = [self.metrics[n].detach().reshape(()) for n in self.metrics] + [
             t.detach().reshape(()) for _, _, t in self.series
         ]
         self.metrics = {}
         series_keys = [(s, n) for s, n, _ in self.series]
         self.series = []
-        if not tensors:
+        if not names and not series_keys:
             return {}, []
-        device = tensors[0].device
-        flat = torch.stack([t.to(device=device, dtype=torch.float32) for t in tensors]).cpu().tolist()
+        device = blocks[0][1].device if blocks else scalars[0].device
+        parts = [v.detach().reshape(-1).to(device=device, dtype=torch.float32) for _, v in blocks]
+        if scalars:
+            parts.append(torch.stack([t.to(device=device, dtype=torch.float32) for t in scalars]))
+        flat = torch.cat(parts).cpu().tolist()
         values = dict(zip(names, flat[: len(names)]))
         series = [(s, n, v) for (s, n), v in zip(series_keys, flat[len(names) :])]
         return values, series
@@ -624,7 +638,7 @@ class _NormCheckBase(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run = self._run
-        if run is not None and (run.metrics or run.series):
+        if run is not None and run.pending:
             self._safely(self._flush, max(0, run.step - 1))
         if run is not None:
             run._grad_cache = {}
