@@ -314,6 +314,15 @@ def frozen_mlp() -> LitModel:
     return LitModel(net, lr=1e-3, optimizer="adam")
 
 
+class LateDeath(LitModel):
+    """At step 6 one bad update (simulated) pushes a hidden layer's pre-activations far below 0."""
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step == 6:
+            with torch.no_grad():
+                self.net[2].bias.fill_(-20.0)
+
+
 def dead_bias_mlp() -> LitModel:
     net = init_mlp(3, scheme="kaiming")
     nn.init.constant_(net[2].bias, -6.0)
@@ -428,6 +437,13 @@ PLANTED: list[Scenario] = [
         ("dead_units",),
         layer="net.3",
         notes="bias -6 before a ReLU",
+    ),
+    Scenario(
+        "dead_relu_after_bad_update",
+        lambda: (LateDeath(init_mlp(3, scheme="kaiming"), lr=1e-3, optimizer="adam"), reg(), {}),
+        ("dead_units",),
+        layer="net.3",
+        notes="the units die at step 6, after a window of healthy samples: the window slides",
     ),
     Scenario(
         "dead_relu_conv",

@@ -92,7 +92,7 @@ class _ActivationNorms(_Monitor):
         self._stats: dict[str, _Stats] = {}
         self._input: _Stats | None = None
         self._sampled_step = -1
-        self._window_alive: dict[str, Tensor] = {}
+        self._window_alive: dict[str, list[Tensor]] = {}  # alive masks of the last `window` sampled batches
         self._window_samples = 0
         self.history = D.ActivationHistory()
         self.last_order: list[str] = []
@@ -116,6 +116,8 @@ class _ActivationNorms(_Monitor):
         self.modules = {}
         self._sampled_step = -1  # a new fit restarts its step count: its step 0 is sampled again
         self._stats = {}
+        self._window_alive = {}
+        self._window_samples = 0
         for name, module in run.pl_module.named_modules():
             if self._selected(name, module):
                 self.modules[name] = module
@@ -206,16 +208,15 @@ class _ActivationNorms(_Monitor):
             run.add_metric(f"normcheck/act_rms/{name}", (st.sumsq / max(st.numel, 1)).sqrt())
             if st.alive is not None:
                 run.add_metric(f"normcheck/dead_frac/{name}", 1.0 - st.alive.float().mean())
-                prev = self._window_alive.get(name)
-                win = st.alive if prev is None or prev.shape != st.alive.shape else prev | st.alive
-                self._window_alive[name] = win
+                # a sliding window of the last `window` sampled batches: a unit is dead if it never fired in any
+                hist = self._window_alive.setdefault(name, [])
+                keep = [a for a in hist if a.shape == st.alive.shape]
+                hist[:] = keep[max(0, len(keep) - self.window + 1) :] + [st.alive]
+                win = torch.stack(hist).any(0)
                 run.add_metric(f"_dead_window/{name}", 1.0 - win.float().mean())
             if st.saturated is not None:
                 run.add_metric(f"normcheck/saturated_frac/{name}", st.saturated.float() / max(st.numel, 1))
-        run.add_metric("_window_samples", torch.tensor(float(self._window_samples)))
-        if self._window_samples >= self.window:
-            self._window_alive = {}
-            self._window_samples = 0
+        run.add_metric("_window_samples", torch.tensor(float(min(self._window_samples, self.window))))
         self._stats = {}
         self._input = None
 
