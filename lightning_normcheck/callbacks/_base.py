@@ -142,6 +142,21 @@ class _GradStats:
 _STACK_NUMEL = 8192
 
 
+def _norm_plan(tensors: list[Tensor]) -> _NormPlan | None:
+    """A :class:`_NormPlan` for ``tensors`` (and any list of same-shaped tensors), or None when they are not all
+    plain float32 tensors on one device."""
+    plain = bool(tensors) and all(
+        type(t) in (Tensor, torch.nn.Parameter) and t.dtype == torch.float32 and t.device == tensors[0].device
+        for t in tensors
+    )
+    return _NormPlan(tensors) if plain else None
+
+
+def _plan_norms(plan: _NormPlan | None, tensors: list[Tensor]) -> Tensor:
+    """Per-tensor L2 norms through ``plan`` when there is one, else :func:`norms.tensor_norms`."""
+    return plan.norms(tensors) if plan is not None else N.tensor_norms(tensors)
+
+
 class _NormPlan:
     """A fast way to compute the per-tensor L2 norms of one optimizer's gradients, built once per fit.
 

@@ -9,7 +9,15 @@ from torch import Tensor
 
 from lightning_normcheck import diagnosis as D
 from lightning_normcheck import norms as N
-from lightning_normcheck.callbacks._base import _check_bool, _Monitor, _NormCheckBase, _Run
+from lightning_normcheck.callbacks._base import (
+    _check_bool,
+    _Monitor,
+    _norm_plan,
+    _NormCheckBase,
+    _NormPlan,
+    _plan_norms,
+    _Run,
+)
 
 
 class _WeightDrift(_Monitor):
@@ -32,6 +40,9 @@ class _WeightDrift(_Monitor):
         self.layers = [run.param_layer[id(p)] for p in self.params]
         self.layer_index = torch.tensor(self.layers, dtype=torch.long)
         self.reference = None  # a new fit measures from its own start, unless a checkpoint restores one
+        # fast norms of self.params and of any list shaped like it (reference, differences); flush-time only
+        self._plan: _NormPlan | None = _norm_plan(self.params)
+        self._ref_norms: tuple[list[Tensor], Tensor] | None = None  # (reference, its per-tensor norms)
 
     def on_train_start(self, run: _Run) -> None:
         ref = self._restored_reference
@@ -72,12 +83,19 @@ class _WeightDrift(_Monitor):
         n_layers = len(run.layer_names)
         present = sorted(set(self.layers))
         labels = [run.layer_label(i) for i in present]
-        w_norms = N.tensor_norms(self.params)
+        plan = getattr(self, "_plan", None)
+        with torch.no_grad():
+            w_norms = _plan_norms(plan, self.params)
         per_layer = N.group_norms(w_norms, self.layer_index, n_layers)
         run.add_metrics("normcheck/weight_norm/", per_layer[present], labels)
         if self.reference is not None:
-            drift = N.group_norms(N.sub_norms(self.params, self.reference), self.layer_index, n_layers)
-            ref = N.group_norms(N.tensor_norms(self.reference), self.layer_index, n_layers)
+            with torch.no_grad():
+                diffs = torch._foreach_sub([p.detach() for p in self.params], self.reference)
+                drift = N.group_norms(_plan_norms(plan, diffs), self.layer_index, n_layers)
+                cached = getattr(self, "_ref_norms", None)
+                if cached is None or cached[0] is not self.reference:  # the reference is fixed: measure it once
+                    cached = self._ref_norms = (self.reference, _plan_norms(plan, self.reference))
+            ref = N.group_norms(cached[1], self.layer_index, n_layers)
             run.add_metrics("normcheck/weight_drift/", (drift / ref.clamp_min(1e-12))[present], labels)
             run.add_metrics("_weight_ref/", ref[present], labels)  # start-of-fit norms, for diagnosis
         for opt_id, upd in list(self._updates.items()):
@@ -86,7 +104,8 @@ class _WeightDrift(_Monitor):
                 continue
             params, layers, index = run.optimizer_params(opt)
             u = N.group_norms(upd, index, n_layers)
-            w = N.group_norms(N.tensor_norms(params), index, n_layers)
+            with torch.no_grad():
+                w = N.group_norms(_plan_norms(run._opt_plan.get(id(opt)), params), index, n_layers)
             opt_present = sorted(set(layers))
             run.add_metrics(
                 "normcheck/update_ratio/",
