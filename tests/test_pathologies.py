@@ -368,3 +368,13 @@ def test_gradient_depth_follows_the_forward_order_not_registration() -> None:
     (f,) = log.findings
     assert (f.code, f.layer) == ("vanishing_gradients", "l0")
     assert f.value == pytest.approx(((1e-9 + 1e-8) / 2) / ((1e-1 + 1.0) / 2))
+
+
+def test_weight_growth_without_a_reference_uses_the_first_sample() -> None:
+    log, hist = FindingLog(), WeightHistory()
+    for s, head in enumerate([3.0, 12.0, 30.0, 36.0]):
+        values = {"normcheck/weight_norm/a": 3.0, "normcheck/weight_norm/b": 3.1, "normcheck/weight_norm/c": 2.9}
+        values["normcheck/weight_norm/head"] = head
+        diagnose_weights(log, hist, values, s)
+    (f,) = log.findings
+    assert (f.code, f.layer, f.step) == ("weight_norm_growth", "head", 3)  # 10x and 12x the median: 2 in a row

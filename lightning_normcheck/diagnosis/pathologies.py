@@ -735,6 +735,10 @@ def diagnose_weights(
     prefix = "normcheck/weight_norm/"
     now = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
     ref = {k[len("_weight_ref/") :]: v for k, v in values.items() if k.startswith("_weight_ref/")}
+    for n, v in now.items():  # without a start-of-fit reference (track_drift=False): the first sample
+        if not history.get(f"start/{n}"):
+            history.add(f"start/{n}", step, v)
+        ref.setdefault(n, history.get(f"start/{n}")[0][1])
     pairs = {n: (now[n], ref[n]) for n in now if n in ref and math.isfinite(now[n]) and math.isfinite(ref[n])}
     if len(pairs) < 3:
         return
