@@ -231,7 +231,12 @@ def diagnose_nonfinite(
             where = " Activations were not sampled at that step, so the module that produced it is not known."
         diverged = "learning rate too high (the run diverged: look for growing gradient norms before it)"
         in_loss = "a log/sqrt/division of a value that reached 0 or below in the loss, or bad labels"
-        if loss_step == 0 or "loss computation" in where:  # nothing had time to diverge
+        if layer is not None:
+            causes = (
+                f"an overflow in `{layer}` (its weights or inputs too large: init std or learning rate), a division"
+                f" by ~0 or log of 0 inside it, fp16 range, {diverged}"
+            )
+        elif loss_step == 0 or "loss computation" in where:  # nothing had time to diverge
             causes = f"{in_loss}, init std too large, fp16 overflow, {diverged}"
         else:
             causes = f"{diverged}, init std too large, {in_loss}, fp16 overflow"
@@ -553,7 +558,13 @@ def _activation_depth(
         grow = "grows" if direction == "up" else "shrinks"
         sev = "error" if abs(math.log10(total)) >= 2 * math.log10(th.act_total_ratio) else "warning"
         where = "from the first forward pass (so from initialization)" if at_init else f"at step {step}"
-        if direction == "up":
+        if direction == "up" and not at_init:  # it appeared during training: the weights grew
+            causes = (
+                "learning rate too high (the weights grew: see weight_norm_growth and the gradient norms), no"
+                " gradient clipping, depth without normalization or residuals, init std too large"
+            )
+            fix = "lower the LR or add warmup, clip gradients (gradient_clip_val=1.0), add LayerNorm/BatchNorm"
+        elif direction == "up":
             causes = (
                 "init std too large for the activation that follows (weight std x sqrt(fan_in) above its"
                 " Kaiming/Xavier value), depth without normalization or residuals, learning rate too high"
@@ -572,7 +583,7 @@ def _activation_depth(
             step,
             layer,
             f"activation RMS {grow} geometrically with depth {where}: {shown} ({_fmt(total)}x over"
-            f" {j - i} layers, about {per_layer:.2f}x per layer; threshold {_fmt(th.act_total_ratio)}x over"
+            f" {j - i} layer-to-layer steps, about {per_layer:.2f}x per step; threshold {_fmt(th.act_total_ratio)}x over"
             f" {th.act_min_layers}+ layers at {th.act_step_ratio}x+ per layer). Largest change ends at"
             f" `{layer}`.{init} Likely causes, most likely first: {causes}. What to try: {fix}.",
             value=total,
