@@ -307,6 +307,14 @@ def dropout_mlp() -> LitModel:
     return _SGDMomentum(nn.Sequential(*layers), loss=_ce, lr=0.02)
 
 
+def init_std1_mlp() -> nn.Sequential:
+    net = mlp(width=32, depth=6)
+    for m in net:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=1.0)
+    return net
+
+
 def frozen_mlp() -> LitModel:
     net = init_mlp(4, scheme="kaiming")
     for p in list(net.parameters())[:4]:
@@ -405,6 +413,12 @@ PLANTED: list[Scenario] = [
         ("exploding_gradients",),
         max_steps=30,
         notes="SGD with a learning rate past the stable limit",
+    ),
+    Scenario(
+        "exploding_grads_init_std1",
+        lambda: (_lit(init_std1_mlp(), lr=1e-4, optimizer="adam"), reg(), {}),
+        ("exploding_gradients", "exploding_activations"),
+        notes="nn.init.normal_(w, std=1.0): activations and the first gradients explode from init",
     ),
     Scenario(
         "nonfinite_loss_log",

@@ -378,3 +378,19 @@ def test_weight_growth_without_a_reference_uses_the_first_sample() -> None:
         diagnose_weights(log, hist, values, s)
     (f,) = log.findings
     assert (f.code, f.layer, f.step) == ("weight_norm_growth", "head", 3)  # 10x and 12x the median: 2 in a row
+
+
+def test_exploding_init_also_flags_huge_first_gradients_only_then() -> None:
+    modules, order = _net(6, gain=3.0)
+    values = _rms_values(order, modules, 2.5)
+    values.update({"normcheck/grad_norm/0": 3e3, "normcheck/grad_norm/2": 4e3})  # total 5e3, by hand
+    log = FindingLog()
+    diagnose_activations(log, ActivationHistory(), values, order, modules, 0)
+    f = log.get("exploding_gradients")
+    assert f is not None and f.step == 0 and f.value == pytest.approx(5e3) and "net" not in (f.layer or "")
+    assert "std 0.25" in f.message  # Kaiming for fan_in 32: sqrt(2/32)
+    calm = _rms_values(order, modules, 1.0)
+    calm.update({"normcheck/grad_norm/0": 3e3, "normcheck/grad_norm/2": 4e3})
+    log2 = FindingLog()
+    diagnose_activations(log2, ActivationHistory(), calm, order, modules, 0)
+    assert not log2.findings  # a large first gradient alone is no finding

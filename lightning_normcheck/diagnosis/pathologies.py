@@ -66,6 +66,9 @@ class Thresholds:
     grad_growth: float = 100.0
     #: Fraction of the window's step-to-step changes that must be increases (geometric, not one spike).
     grad_growth_monotone: float = 0.7
+    #: Total gradient norm at init that is reported as exploding, when activations also explode with depth
+    #: from initialization: healthy runs start at up to ~80 and fall; 1e3 is 10x beyond.
+    init_grad_norm: float = 1e3
     #: Non-finite gradient steps in a row before an AMP GradScaler run is flagged (it skips such steps
     #: and halves the scale; a few are normal, a run of them is not).
     amp_nonfinite_steps: int = 5
@@ -555,12 +558,15 @@ def _activation_depth(
         per_layer = total ** (1.0 / (j - i))
         shown = " -> ".join(f"{n} {_fmt(v)}" for n, v in chain[i : j + 1][:10])
         init = ""
-        at_init = step == 0 or first_sample
+        known = findings.get(code, layer)
+        at_init = step == 0 or first_sample or bool(known is not None and known.extra.get("at_init"))
         if at_init:
             init = init_message(layer_init_advice(modules, order), "high" if direction == "up" else "low")
         grow = "grows" if direction == "up" else "shrinks"
         sev = "error" if abs(math.log10(total)) >= 2 * math.log10(th.act_total_ratio) else "warning"
         where = "from the first forward pass (so from initialization)" if at_init else f"at step {step}"
+        if at_init and known is not None:
+            where += f" and still at step {step}"
         if direction == "up" and not at_init:  # it appeared during training: the weights grew
             causes = (
                 "learning rate too high (the weights grew: see weight_norm_growth and the gradient norms), no"
@@ -592,6 +598,8 @@ def _activation_depth(
             value=total,
             at_init=at_init,
         )
+        if direction == "up" and at_init:
+            _init_gradients(findings, values, step, layer, init, th)
         return
     if first_sample:
         return
@@ -640,6 +648,30 @@ def _activation_depth(
             " What to try: lower the LR, LeakyReLU/GELU, add normalization before this layer."
         ),
         value=r,
+    )
+
+
+def _init_gradients(
+    findings: FindingLog, values: dict[str, float], step: int, layer: str, init: str, th: Thresholds
+) -> None:
+    """Activations that explode from init make the first gradients explode too: say so when they are huge."""
+    prefix = "normcheck/grad_norm/"
+    layers = [v for k, v in values.items() if k.startswith(prefix) and k != prefix + "total" and math.isfinite(v)]
+    total = math.sqrt(sum(v * v for v in layers)) if layers else 0.0
+    if total < th.init_grad_norm or findings.get("exploding_gradients") or _has_data_cause(findings):
+        return
+    findings.report(
+        "exploding_gradients",
+        "error" if total >= th.init_grad_norm**2 else "warning",
+        step,
+        None,
+        f"the total gradient norm is {_fmt(total)} at step {step} (threshold {_fmt(th.init_grad_norm)} together with"
+        f" activations exploding with depth from initialization, ending at `{layer}`; healthy runs start at up to"
+        f" ~80 and fall). The first updates will be huge.{init} Likely causes, most likely first: init std too large,"
+        " depth without normalization, no gradient clipping. What to try: re-initialize (std sqrt(2/fan_in) for"
+        " ReLU/GELU, Xavier for tanh/sigmoid), add LayerNorm/BatchNorm, clip gradients (gradient_clip_val=1.0).",
+        value=total,
+        at_init=True,
     )
 
 
