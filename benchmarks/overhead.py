@@ -448,10 +448,15 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines.append(f"Machine: {results['machine']}.")
     lines.append("")
     lines.append(
-        f"Command: `{results['command']}` ({args.repeats} interleaved repeats; steady state over {args.window} "
+        "Command: "
+        + "; ".join(
+            f"`{part['command']}` ({part.get('repeats', args.repeats)} repeats, finished {part['finished']}, "
+            f"{part['seconds'] / 60:.0f} min)"
+            for part in results.get("parts", [])
+        )
+        + f" (interleaved repeats; steady state over {args.window} "
         f"steps ({args.window_anchor} for the anchors) after {args.warmup} warm-up steps, {args.window1} after "
-        f"{args.warmup1} at log_every_n_steps=1; "
-        f"{results['seconds'] / 60:.0f} min). Every run: `lightning.Trainer` on CPU, `TensorBoardLogger`, "
+        f"{args.warmup1} at log_every_n_steps=1). Every run: `lightning.Trainer` on CPU, `TensorBoardLogger`, "
         f"`gradient_clip_val={CLIP}`, AdamW, the model logs its loss with `self.log` every step."
     )
     lines.append("")
@@ -577,6 +582,11 @@ def main(argv: list[str] | None = None) -> int:
         "processes share the cores) or wall-clock time (both are always reported)",
     )
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="re-measure only the chosen models and cadences; keep the rest of the existing results.json",
+    )
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 3
@@ -613,8 +623,30 @@ def main(argv: list[str] | None = None) -> int:
                     MODELS[m], cadence, names, args.repeats, warmup, windows, logdir
                 )
     results["seconds"] = time.time() - t_start
-    results["goals"] = goals(results, args.clock)
+    results["parts"] = [
+        {
+            "command": command,
+            "models": models,
+            "cadences": cadences,
+            "repeats": args.repeats,
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "seconds": results["seconds"],
+        }
+    ]
     out = Path(args.out)
+    previous = out.parent / "results.json"
+    if args.update and previous.exists():
+        old = json.loads(previous.read_text())
+        for m, by_cadence in old.get("cells", {}).items():
+            for cadence, cells in by_cadence.items():
+                results["cells"].setdefault(m, {}).setdefault(cadence, cells)
+        results["models"] = [m for m in MODELS if m in results["cells"]]
+        results["cadences"] = sorted(
+            {int(c) for by_cadence in results["cells"].values() for c in by_cadence}, key=lambda c: (c == 1, c)
+        )
+        results["parts"] = old.get("parts", []) + results["parts"]
+        results["seconds"] = sum(part["seconds"] for part in results["parts"])
+    results["goals"] = goals(results, args.clock)
     (out.parent / "results.json").write_text(json.dumps(results, indent=1))
     text = report(results, args)
     out.write_text(text)
