@@ -49,7 +49,7 @@ def run(args: Sequence[str] | None = None) -> LightningCLI:
 
 def main() -> None:
     """Console entry point of ``normcheck-demo``."""
-    run(sys.argv[1:])
+    run()  # LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":  # pragma: no cover

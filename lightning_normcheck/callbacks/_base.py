@@ -23,13 +23,21 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn as _rank_zero_warn
 from torch import Tensor
 
 from lightning_normcheck import norms as N
 from lightning_normcheck.findings import Finding, FindingLog
 
 log = logging.getLogger("lightning_normcheck")
+
+
+def rank_zero_warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """Lightning's rank_zero_warn that can never raise into training (e.g. under ``-W error``)."""
+    try:
+        _rank_zero_warn(message, category=category)
+    except Exception:  # noqa: BLE001
+        log.warning("%s", message)
 
 #: Steps below this are sampled densely so that a problem present from the start is reported
 #: within the first 20 optimizer steps, whatever ``log_every_n_steps`` is.
@@ -594,9 +602,8 @@ class _NormCheckBase(Callback):
                     logger.experiment.add_text("normcheck/findings", text, global_step=step)
             except Exception:  # noqa: BLE001
                 pass
-        for f in new:
-            if f.severity != "info":
-                rank_zero_warn(f"lightning_normcheck: {f}", category=UserWarning)
+        # Findings reach Python logging (logger "lightning_normcheck") when recorded; they are not raised as
+        # `warnings` too: that printed each one twice, and `-W error` would turn a finding into a crash.
 
     # Lightning hooks ---------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
