@@ -315,6 +315,27 @@ def init_std1_mlp() -> nn.Sequential:
     return net
 
 
+class TwoOptimizers(L.LightningModule):
+    """Manual optimization with two optimizers on two nets of very different gradient scales (GAN-like)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.a = init_mlp(3, scheme="kaiming")
+        self.b = init_mlp(3, width=64, scheme="kaiming")
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        opt_a, opt_b = self.optimizers()  # type: ignore[misc]
+        for net, opt, scale in ((self.a, opt_a, 0.01), (self.b, opt_b, 100.0)):
+            opt.zero_grad()
+            self.manual_backward(scale * nn.functional.mse_loss(net(x), y))
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(self.a.parameters(), lr=1e-3), torch.optim.Adam(self.b.parameters(), lr=1e-3)]
+
+
 def frozen_mlp() -> LitModel:
     net = init_mlp(4, scheme="kaiming")
     for p in list(net.parameters())[:4]:
@@ -560,6 +581,7 @@ HEALTHY: list[Scenario] = [
         max_steps=40,
         notes="a confident sigmoid output head saturates by design",
     ),
+    Scenario("manual_two_optimizers", lambda: (TwoOptimizers(), reg(), {}), max_steps=40),
     Scenario(
         "embedding_bag", lambda: (_lit(BagModel(), loss=_ce, lr=3e-3, optimizer="adam"), bags(), {}), max_steps=30
     ),

@@ -33,8 +33,14 @@ class _GradientNorms(_Monitor):
         self._bad_loss_value: torch.Tensor | None = None
         self._amp_scaler = False
         self._losses: list[tuple[int, torch.Tensor]] = []  # (step, detached loss) since the last flush
+        self._opt_index = {}
+        self._opt_layers = {}
+        self._step_opt = {}
 
     def setup(self, run: _Run) -> None:
+        self._opt_index: dict[int, int] = {}  # id(optimizer) -> 0, 1, ... in order of first step
+        self._opt_layers: dict[int, list[str]] = {}  # optimizer index -> its layers' labels
+        self._step_opt: dict[int, int] = {}  # step -> optimizer index, since the last flush
         self._bad_loss_step = self._bad_loss_value = None
         self._losses = []
         self._amp_scaler = getattr(getattr(run.trainer, "precision_plugin", None), "scaler", None) is not None
@@ -82,6 +88,11 @@ class _GradientNorms(_Monitor):
             per_tensor = N.tensor_norms(stats.grads, self.norm_type)
             total = N.total_norm(per_tensor, self.norm_type)
         run.add_series(step, TOTAL_KEY, total)
+        # host bookkeeping for diagnosis (plain ints, no sync): which optimizer stepped, and its layers
+        k = self._opt_index.setdefault(id(optimizer), len(self._opt_index))
+        self._step_opt[step] = k
+        if k not in self._opt_layers:
+            self._opt_layers[k] = [run.layer_label(i) for i in sorted(set(stats.layers))]
         if not run.is_due(step) or not stats.grads:
             return
         per_layer = N.group_norms(per_tensor, stats.layer_index, len(run.layer_names), self.norm_type)
@@ -99,8 +110,18 @@ class _GradientNorms(_Monitor):
             if k.startswith("normcheck/grad_norm/") and k != TOTAL_KEY
         }
         D.diagnose_gradients(
-            run.findings, self.history, totals, layers, step, run.layer_names, values=values, amp_scaler=self._amp_scaler
+            run.findings,
+            self.history,
+            totals,
+            layers,
+            step,
+            run.layer_names,
+            values=values,
+            amp_scaler=self._amp_scaler,
+            optimizer_of_step=self._step_opt,
+            layer_groups=list(self._opt_layers.values()),
         )
+        self._step_opt = {}
 
     def on_exception(self, run: _Run, exception: BaseException) -> None:
         D.explain_exception(run.findings, exception, run.step)

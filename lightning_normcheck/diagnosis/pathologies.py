@@ -322,6 +322,8 @@ def diagnose_gradients(
     values: dict[str, float] | None = None,
     amp_scaler: bool = False,
     th: Thresholds | None = None,
+    optimizer_of_step: dict[int, int] | None = None,
+    layer_groups: list[list[str]] | None = None,
 ) -> None:
     """Exploding/vanishing gradients (over depth and over time) and the first non-finite value.
 
@@ -335,13 +337,32 @@ def diagnose_gradients(
         values: every flushed host value (for the loss and activation checks).
         amp_scaler: a GradScaler is active.
         th: thresholds (default :data:`THRESHOLDS`).
+        optimizer_of_step: which optimizer (0, 1, ...) stepped at each step (several optimizers, e.g. a
+            GAN: each gets its own series, growth is never judged across them).
+        layer_groups: the layers of each optimizer (depth trends are judged within one group).
     """
     th = th or THRESHOLDS
     diagnose_nonfinite(findings, history, totals, values if values is not None else {}, step, amp_scaler, th)
-    for s, v in totals:
-        history.add("total", s, v)
-    _gradient_depth(findings, history, layers, step, _execution_order(layer_names, values or {}), th)
-    _gradient_growth(findings, history, layers, step, th)
+    of_step = optimizer_of_step or {}
+    merged: dict[tuple[int, int], float] = {}
+    for s, v in totals:  # one series per optimizer; same step and optimizer twice: one norm of both
+        key = (of_step.get(s, 0), s)
+        merged[key] = math.hypot(merged[key], v) if key in merged else v
+    keys = set()
+    for (k, s), v in merged.items():
+        keys.add(k)
+        history.add("total" if k == 0 else f"total/{k}", s, v)
+    order = _execution_order(layer_names, values or {})
+    groups = [g for g in (layer_groups or []) if g]
+    if len(groups) <= 1:
+        _gradient_depth(findings, history, layers, step, order, th)
+    else:
+        for gi, group in enumerate(groups):
+            members = set(group)
+            sub = [n for n in order if (n or "<root>") in members]
+            _gradient_depth(findings, history, layers, step, sub, th, key=f"depth_ratio/{gi}")
+    for k in sorted(keys) or [0]:
+        _gradient_growth(findings, history, layers, step, th, key="total" if k == 0 else f"total/{k}")
 
 
 def _execution_order(layer_names: list[str], values: dict[str, float]) -> list[str]:
@@ -361,6 +382,7 @@ def _gradient_depth(
     step: int,
     layer_names: list[str],
     th: Thresholds,
+    key: str = "depth_ratio",
 ) -> None:
     order = [n or "<root>" for n in layer_names]
     chain = [(n, layers[n]) for n in order if n in layers and math.isfinite(layers[n]) and layers[n] > 0]
@@ -370,8 +392,8 @@ def _gradient_depth(
     first = statistics.median(v for _, v in chain[:k])
     last = statistics.median(v for _, v in chain[-k:])
     ratio = first / last
-    history.add("depth_ratio", step, ratio)
-    recent = [r for _, r in history.get("depth_ratio")[-th.grad_depth_samples :]]
+    history.add(key, step, ratio)
+    recent = [r for _, r in history.get(key)[-th.grad_depth_samples :]]
     if len(recent) < th.grad_depth_samples:
         return
     shown = (
@@ -413,9 +435,14 @@ def _gradient_depth(
 
 
 def _gradient_growth(
-    findings: FindingLog, history: GradientHistory, layers: dict[str, float], step: int, th: Thresholds
+    findings: FindingLog,
+    history: GradientHistory,
+    layers: dict[str, float],
+    step: int,
+    th: Thresholds,
+    key: str = "total",
 ) -> None:
-    series = history.get("total")
+    series = history.get(key)
     bad = next((i for i, (_, v) in enumerate(series) if not math.isfinite(v)), len(series))
     series = series[:bad]  # judge the steps before the first non-finite value
     window = series[-th.grad_window :]
