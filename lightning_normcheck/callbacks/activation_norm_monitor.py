@@ -137,10 +137,13 @@ class _ActivationNorms(_Monitor):
         self._sampled_step = step
         self._stats = {}
         self._input = None
-        owner = run.owner
-        for name, module in self.modules.items():
-            hook = owner._guard(self, self._make_hook(run, name))
-            self._handles.append(module.register_forward_hook(hook))
+        # the hook functions are made once per fit; only registering them is left for each sampled step
+        if getattr(self, "_hook_run", None) is not run:
+            owner = run.owner
+            self._hook_fns = {name: owner._guard(self, self._make_hook(run, name)) for name in self.modules}
+            self._hook_run = run
+        hook_fns = self._hook_fns
+        self._handles = [module.register_forward_hook(hook_fns[name]) for name, module in self.modules.items()]
 
     def on_before_backward(self, run: _Run, loss: Tensor) -> None:
         self.remove_hooks()  # the forward of this micro-batch is over
