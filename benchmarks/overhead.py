@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -526,6 +527,7 @@ def plot(results: dict[str, Any], path: Path, clock: str) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return False
@@ -558,6 +560,18 @@ def plot(results: dict[str, Any], path: Path, clock: str) -> bool:
             ax.set_yticklabels([c.label for c in names] if col == 0 else [], fontsize=7)
             ax.axvline(1.0, color="black", lw=0.8)
             ax.set_xscale("log")
+            lo_x = min([*meds, 1.0]) / 1.02
+            hi_x = max([*(m + h for m, h in zip(meds, hi)), 1.0]) * 1.05
+            ax.set_xlim(lo_x, hi_x)
+            ticks: list[float] = []
+            for t in (1.0, 0.95, 0.9, 1.02, 1.05, 1.1, 1.25, 1.5, 2, 3, 5, 8, 12):  # 1x first, then spaced apart
+                if lo_x <= t <= hi_x and all(abs(math.log(t / u)) >= math.log(hi_x / lo_x) / 7 for u in ticks):
+                    ticks.append(t)
+            ticks.sort()
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.tick_params(axis="x", labelsize=7)
             ax.set_title(f"{MODELS[m].title}\nlog_every_n_steps={cadence}", fontsize=9)
             ax.set_xlabel("step time / no callback (log scale)", fontsize=8)
             ax.invert_yaxis()
