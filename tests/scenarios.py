@@ -661,8 +661,12 @@ def run_scenario(sc: Scenario, seed: int = 0, **normcheck_kwargs: Any) -> Result
     return Result(sc, cb.findings, time.perf_counter() - t0, exc)
 
 
-def judge(res: Result, codes: tuple[str, ...] = PATHOLOGY_CODES) -> tuple[list[str], list[Any]]:
-    """``(missed expected codes, false alarms)`` of a result, looking only at ``codes``."""
+def judge(res: Result, codes: tuple[str, ...] | None = None) -> tuple[list[str], list[Any]]:
+    """``(missed expected codes, false alarms)`` of a result, looking only at ``codes`` (default: every code,
+    those of the data and bug checks too: a healthy run must give no warning or error at all)."""
+    from lightning_normcheck.findings import CODES
+
+    codes = CODES if codes is None else codes
     bad = [f for f in res.findings if f.severity in ("warning", "error") and f.code in codes]
     found = {f.code for f in bad}
     missed = [c for c in res.scenario.expect if c not in found]

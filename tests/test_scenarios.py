@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import LitModel, mlp
+from helpers import LitModel, bad, mlp
 from scenarios import ALL, HEALTHY, PATHOLOGY_CODES, PLANTED, Result, judge, reg, run_scenario
 
 from lightning_normcheck.findings import CODES, SEVERITIES
@@ -72,6 +72,7 @@ def test_healthy_run_is_silent(name: str) -> None:
     assert res.exception is None, res.exception
     _, false = judge(res)
     assert not false, f"{name}: false alarms {[str(f) for f in false]}"
+    assert bad(res.findings) == [], "no warning or error of any code (bug and data checks included)"
     assert_contract(res.findings)
 
 
@@ -151,3 +152,4 @@ def test_healthy_run_is_silent_other_seeds(name: str, seed: int) -> None:
     assert res.exception is None, res.exception
     _, false = judge(res)
     assert not false, f"{name} seed {seed}: false alarms {[str(f) for f in false]}"
+    assert bad(res.findings) == []

@@ -153,6 +153,27 @@ def test_input_scale_found_when_training_raises() -> None:
     assert f.severity == "warning" and "column 4 of batch[0]" in f.message
 
 
+def test_raw_inputs_do_not_start_the_activation_chain() -> None:
+    """Raw inputs (RMS ~2e3) into a net whose LayerNorm brings them to ~1: input_scale, not a vanishing
+    activation trend that starts at the input (the layers themselves have no trend)."""
+    x, y = tabular()
+    x = x * 1500.0 + 1000.0  # every column raw, in the thousands
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(8, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU()
+    )
+    net.append(nn.Linear(32, 1))
+    with torch.no_grad():  # independently: from the input to the last hidden Linear the RMS falls 1000x+
+        h, rms = x[:16], {}
+        for i, m in enumerate(net):
+            h = m(h)
+            rms[i] = float(h.square().mean().sqrt())
+    assert float(x[:16].square().mean().sqrt()) / rms[5] > 1000
+    cb = NormCheck(print_summary=False)
+    fit(LitModel(net, lr=1e-3, optimizer="adam"), loader(TensorDataset(x, y)), [cb], max_steps=20, log_every_n_steps=50)
+    assert codes(cb.findings) == {"input_scale"}, [str(f) for f in bad(cb.findings)]
+
+
 def test_raw_features_behind_a_first_batchnorm_are_info_only() -> None:
     x, y = tabular()
     x[:, 2] = x[:, 2] * 1500.0 + 4000.0
@@ -379,6 +400,10 @@ def test_gradient_spikes_corrupted_label() -> None:
     assert max(independent_ratio(rec.totals, s) for s in others) < DD.SPIKE_FACTOR
     hint = finding(cb, "hygiene")
     assert hint.severity == "info" and "No gradient clipping while the gradient norm spikes" in hint.message
+    # the newest value of the step-40 flush is the spike: 100x+ the window minimum, rising into it; it falls
+    # back right after, so it is a spike and not a geometric explosion
+    assert rec.totals[40] / min(rec.totals[31:41]) > 100 and rec.totals[41] < rec.totals[40] / 10
+    assert "exploding_gradients" not in {f.code for f in cb.findings}
 
 
 def test_gradient_spikes_standalone_monitor_with_clipping() -> None:
@@ -468,6 +493,74 @@ def test_spike_history_steady_climb_is_not_a_spike() -> None:
     h2.load_state_dict(h.state_dict())
     assert [sp.step for sp in h2.update([(41, 1.0)], lambda s: "")] == [40]
     assert h2.count == 3 and list(h2.window)[-1] == 1.0
+
+
+def test_exploding_gradients_needs_growth_that_persists() -> None:
+    """One high newest value is a spike (it falls back); a geometric climb is found one step after it passes
+    the threshold, and a two-step rise to a new level is found too."""
+    from lightning_normcheck.diagnosis import pathologies as P
+    from lightning_normcheck.findings import FindingLog
+
+    def growth(series: list[float], flush_every: int = 1) -> list[Any]:
+        log, hist = FindingLog(), P.GradientHistory()
+        pairs = list(enumerate(series))
+        for i in range(0, len(pairs), flush_every):
+            chunk = pairs[i : i + flush_every]
+            P.diagnose_gradients(log, hist, chunk, {}, chunk[-1][0], [])
+        return [f for f in log.findings if f.code == "exploding_gradients"]
+
+    flat = [1.0 + 0.1 * (s % 3) for s in range(30)]
+    assert growth(flat[:29] + [300.0]) == []  # the spike is the newest value: not judged an explosion
+    assert growth(flat[:29] + [300.0], flush_every=10) == []
+    assert growth(flat[:20] + [300.0] + flat[21:]) == []  # and it falls back
+    climb = [1.0 * 2.0**s for s in range(20)]  # 2x per step: past 100x at step 7 (128) over step 0
+    (f,) = growth(climb)
+    assert f.step == 0 and "256 at step 8" in f.message  # found at step 8: steps 7 and 8 both past 100x
+    (f,) = growth(flat[:20] + [300.0, 320.0, 310.0])  # a rise to a new level that stays
+    assert "320 at step 21" in f.message
+
+
+class PerOptimizerRecorder(L.Callback):
+    """Independent total gradient norm of each optimizer step, over that optimizer's own parameters."""
+
+    def __init__(self) -> None:
+        self.totals: dict[int, list[float]] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        k = [getattr(o, "optimizer", o) for o in trainer.optimizers].index(optimizer)
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self.totals.setdefault(k, []).append(float(torch.nn.utils.get_total_norm(grads)))
+
+
+def test_two_optimizers_are_judged_each_on_its_own_scale() -> None:
+    """GAN-like manual optimization: two optimizers whose gradients differ ~1e4x in scale. Mixed into one
+    series every other step is a 'spike'; judged per optimizer the healthy run is silent."""
+    from scenarios import TwoOptimizers
+
+    rec = PerOptimizerRecorder()
+    cb = NormCheck(print_summary=False)
+    fit(TwoOptimizers(), loader(TensorDataset(*tabular(640))), [rec, cb], max_steps=40, log_every_n_steps=10)
+    a, b = rec.totals[0], rec.totals[1]
+    assert len(a) == len(b) == 20
+    assert statistics.median(b) / statistics.median(a) > 10 * DD.SPIKE_FACTOR  # mixed, b would look like spikes
+    assert bad(cb.findings) == [], [str(f) for f in bad(cb.findings)]
+
+
+def test_two_optimizers_spike_of_one_optimizer_is_found() -> None:
+    """A corrupted label makes both optimizers' gradients spike on that batch, each against its own median."""
+    from scenarios import TwoOptimizers
+
+    rec = PerOptimizerRecorder()
+    cb = NormCheck(print_summary=False)
+    ds = corrupted(1000.0, batches=(15,), n=40 * 16)
+    fit(TwoOptimizers(), loader(ds), [rec, cb], max_steps=40, log_every_n_steps=10)
+    f = finding(cb, "gradient_spikes")
+    assert f.severity == "warning" and "of optimizer" in f.message
+    k = int(f.message.split("of optimizer ")[1][0])
+    (step,) = f.extra["steps"]
+    assert step == 2 * 15 + k  # global step of optimizer k on batch 15 (two optimizer steps per batch)
+    assert f.extra["factors"][0] == pytest.approx(independent_ratio(rec.totals[k], 15), rel=1e-3)
+    assert "exploding_gradients" not in {g.code for g in cb.findings}
 
 
 def test_spike_state_survives_resume(tmp_path: Any) -> None:

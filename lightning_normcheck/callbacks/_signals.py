@@ -284,15 +284,20 @@ class _GradientSpikes(_Monitor):
     """Intermittent spikes of the total gradient norm, and info-level clipping/warm-up hints.
 
     Reads the per-step ``normcheck/grad_norm/total`` values of each flush (queued every optimizer step by
-    the gradient monitor; host floats) and keeps a bounded running-median window, saved with checkpoints.
-    The batch of each step is remembered from ``on_train_batch_start`` (host ints, no sync).
+    the gradient monitor; host floats) and keeps a bounded running-median window per optimizer, saved with
+    checkpoints: with several optimizers (a GAN's generator and discriminator) the totals of each are on
+    their own scale and are judged separately. The batch and the optimizer of each step are remembered from
+    ``on_train_batch_start`` and ``on_before_optimizer_step`` (host ints, no sync).
     """
 
     name = "gradient_spikes"
 
     def __init__(self, factor: float = DD.SPIKE_FACTOR) -> None:
         self.factor = factor
-        self.history = DD.SpikeHistory()
+        self.history = DD.SpikeHistory()  # optimizer 0 (the only one in most runs)
+        self.histories: dict[int, DD.SpikeHistory] = {0: self.history}  # optimizer index -> its window
+        self._opt_index: dict[int, int] = {}  # id(optimizer) -> index, in order of first step
+        self._step_opt: dict[int, int] = {}  # step -> optimizer index, since the last flush
         self._batches: OrderedDict[int, tuple[int, int, int]] = OrderedDict()  # step -> (epoch, first, last)
         self._recent: list[float] = []  # totals of the last steps, for the clipping hint
         self.clip_val: float | None = None
@@ -305,6 +310,16 @@ class _GradientSpikes(_Monitor):
         self.clip_algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm")
         self._batches = OrderedDict()
         self.task = None
+        self._opt_index = {}
+        self._step_opt = {}
+
+    def on_before_optimizer_step(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
+        k = self._opt_index.get(id(optimizer))  # host bookkeeping (plain ints), no sync
+        if k is None:
+            opts = [getattr(o, "optimizer", o) for o in run.trainer.optimizers]
+            k = next((i for i, o in enumerate(opts) if o is optimizer), len(opts) + len(self._opt_index))
+            self._opt_index[id(optimizer)] = k
+        self._step_opt[run.step] = k
 
     def on_train_batch_start(self, run: _Run, batch: Any, batch_idx: int) -> None:
         step = run.step
@@ -331,15 +346,36 @@ class _GradientSpikes(_Monitor):
     def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
         totals = [(s, v) for s, n, v in run.flushed_series if n == TOTAL_KEY]
         if totals:
-            DD.diagnose_spikes(
-                run.findings, self.history, totals, self._batch_of, self._clipping(run), self.factor, self.task
-            )
+            per_opt: dict[int, list[tuple[int, float]]] = {}
+            for s, v in totals:
+                per_opt.setdefault(self._step_opt.get(s, 0), []).append((s, v))
+            several = len(self._opt_index) > 1
+            for k, series in sorted(per_opt.items()):
+                history = self.histories.setdefault(k, DD.SpikeHistory())
+                DD.diagnose_spikes(
+                    run.findings,
+                    history,
+                    series,
+                    self._batch_of,
+                    self._clipping(run),
+                    self.factor,
+                    self.task,
+                    optimizer=self._optimizer_name(run, k) if several else None,
+                )
+            self._step_opt = {}
+            if several:  # the clipping hint compares totals against one clip value: the first optimizer's
+                totals = per_opt.get(0, [])
             self._recent = (self._recent + [v for _, v in totals])[-DD.SPIKE_WINDOW :]
             if self.clip_algorithm == "norm":
                 DD.diagnose_clipping_hygiene(run.findings, step, self._recent, self.clip_val)
         self._warmup_hint(run, values, step)
-        for s in [s for s in self._batches if s < self.history.last_step - DD.SPIKE_FALLBACK_STEPS - 1]:
+        last = min(h.last_step for h in self.histories.values())
+        for s in [s for s in self._batches if s < last - DD.SPIKE_FALLBACK_STEPS - 1]:
             del self._batches[s]  # pending spikes already carry their batch description
+
+    def _optimizer_name(self, run: _Run, k: int) -> str:
+        opts = run.trainer.optimizers
+        return f"optimizer {k} ({type(opts[k]).__name__})" if k < len(opts) else f"optimizer {k}"
 
     def _warmup_hint(self, run: _Run, values: dict[str, float], step: int) -> None:
         if step >= DD.EARLY_STEPS:
@@ -357,10 +393,15 @@ class _GradientSpikes(_Monitor):
         DD.diagnose_warmup(run.findings, step, type(opt).__name__, lr, warming_up, ratios)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "history": self.history.state_dict(), "recent": list(self._recent)}
+        others = {str(k): h.state_dict() for k, h in self.histories.items() if k != 0}
+        return {"version": 1, "history": self.history.state_dict(), "others": others, "recent": list(self._recent)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history.load_state_dict(state.get("history", {}))
+        self.histories = {0: self.history}
+        for k, h in state.get("others", {}).items():
+            self.histories[int(k)] = DD.SpikeHistory()
+            self.histories[int(k)].load_state_dict(h)
         self._recent = [float(v) for v in state.get("recent", [])]
 
 

@@ -404,6 +404,7 @@ def diagnose_spikes(
     clipping: str | None,
     factor: float = SPIKE_FACTOR,
     task: str | None = None,
+    optimizer: str | None = None,
 ) -> None:
     """Report intermittent spikes of the total gradient norm (``gradient_spikes``), one finding in all.
 
@@ -421,6 +422,8 @@ def diagnose_spikes(
         factor: the spike factor.
         task: ``"classification"`` (integer targets), ``"regression"`` (float targets) or ``None``:
             orders the likely causes.
+        optimizer: with several optimizers, the one whose totals ``history`` holds (``"optimizer 1
+            (Adam)"``); each optimizer's totals are judged against its own median.
     """
     new = history.update(totals, batch_of, factor)
     if not new:
@@ -437,7 +440,7 @@ def diagnose_spikes(
         else "Nothing clips the gradients: clip them, gradient_clip_val=1.0 in the Trainer."
     )
     message = (
-        f"the total gradient norm spiked {history.count} time(s) to {_g(factor)}x+ its running median and fell "
+        f"the total gradient norm{' of ' + optimizer if optimizer else ''} spiked {history.count} time(s) to {_g(factor)}x+ its running median and fell "
         f"back right after (worst {_g(worst.factor)}x at step {worst.step}, norm {_g(worst.norm)} vs median "
         f"{_g(worst.median)}; a clean run stays within 3x): {items}{more}. Likely causes, most likely first: "
         f"{_SPIKE_CAUSES.get(task or '', _SPIKE_CAUSES[''])}. {clip} Check those batches (with shuffle=True "

@@ -451,7 +451,12 @@ def _gradient_growth(
     vals = [v for _, v in window]
     lo_i = min(range(len(vals)), key=lambda i: vals[i])
     lo, hi = vals[lo_i], vals[-1]
-    if lo <= 0 or hi / lo < th.grad_growth or lo_i == len(vals) - 1:
+    if lo <= 0 or hi / lo < th.grad_growth or lo_i >= len(vals) - 2:
+        return
+    # the growth must persist: the step before the last is past the threshold too. A single high newest
+    # value (one bad batch) falls back on the next step and is a gradient spike, not an explosion; a real
+    # geometric explosion is only one step later past it.
+    if vals[-2] / lo < th.grad_growth:
         return
     tail = vals[lo_i:]
     ups = sum(1 for a, b in zip(tail, tail[1:]) if b > a)
@@ -562,7 +567,10 @@ def _activation_depth(
     if not chain or not all(math.isfinite(v) for _, v in chain):
         return
     input_ok = x_rms is not None and math.isfinite(x_rms) and x_rms > 0
-    if input_ok:
+    # raw, unscaled inputs (an input_scale warning) are a data problem reported by itself: a first layer
+    # that maps an input RMS of 1e3 to ~1 is no vanishing signal, so the chain starts at the first layer
+    raw_input = any(f.code == "input_scale" and f.severity != "info" for f in findings.findings)
+    if input_ok and not raw_input:
         chain = [(INPUT_LABEL, float(x_rms))] + chain  # type: ignore[arg-type]
     chain = [(n, max(v, 1e-30)) for n, v in chain]
     first_sample = "act_first_step" not in history.values
