@@ -45,6 +45,7 @@ class Scenario:
     raises: bool = False  # training is expected to raise (findings must still be there)
     fast: bool = True  # part of the default (CI) test run
     layer: str | None = None  # the layer the first expected finding must name, when known
+    forbid: tuple[str, ...] = ()  # codes a planted run must not give (the wrong story for this cause)
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -387,6 +388,37 @@ def _lit(net: nn.Module, **kw: Any) -> LitModel:
     return LitModel(net, **kw)
 
 
+def data_fault(kind: str, n: int = 640, batch: int = 32) -> DataLoader:
+    """Regression data with one data fault: ``raw`` inputs (every column in the thousands), ``prices``
+    (targets x1000), ``corrupted`` (one label of 1000 in batch 12; no shuffle so the batch is known)."""
+    x, y = regression_data(n=n).tensors
+    x, y = x.clone(), y.clone()
+    if kind == "raw":
+        x = x * 1500.0 + 1000.0
+    elif kind == "prices":
+        y = y * 1000.0
+    elif kind == "corrupted":
+        y[12 * batch + 3] = 1000.0
+    return loader(TensorDataset(x, y), batch_size=batch, shuffle=kind != "corrupted")
+
+
+def layernorm_first_mlp() -> nn.Sequential:
+    """Linear -> LayerNorm -> ReLU, then plain ReLU layers: the LayerNorm brings raw inputs back to ~1."""
+    net = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.ReLU())
+    for _ in range(2):
+        net.extend([nn.Linear(32, 32), nn.ReLU()])
+    return net.append(nn.Linear(32, 1))
+
+
+class NoZeroGrad(LitModel):
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+        pass  # the bug: gradients are never cleared
+
+
+def _sum_mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(pred, y, reduction="sum")
+
+
 PLANTED: list[Scenario] = [
     Scenario(
         "exploding_act_relu_init",
@@ -521,6 +553,42 @@ PLANTED: list[Scenario] = [
         ("nonfinite_gradients",),
         raises=True,
         notes="Trainer(detect_anomaly=True) raises in backward at the NaN gradient",
+    ),
+]
+
+# data causes and training bugs: the whole NormCheck must tell them apart from norm pathologies
+PLANTED += [
+    Scenario(
+        "raw_inputs",
+        lambda: (_lit(layernorm_first_mlp(), lr=1e-3, optimizer="adam"), data_fault("raw"), {}),
+        ("input_scale",),
+        forbid=("vanishing_activations",),
+        notes="raw features in the thousands; a LayerNorm after the first layer: no activation trend",
+    ),
+    Scenario(
+        "label_scale_prices",
+        lambda: (_lit(mlp(), lr=1e-3, optimizer="adam"), data_fault("prices"), {}),
+        ("label_scale",),
+        notes="regression targets x1000",
+    ),
+    Scenario(
+        "corrupted_label_spike",
+        lambda: (_lit(mlp(), lr=1e-2), data_fault("corrupted"), {}),
+        ("gradient_spikes",),
+        forbid=("exploding_gradients",),
+        notes="one label of 1000 in batch 12: a spike that falls back, not an explosion",
+    ),
+    Scenario(
+        "missing_zero_grad",
+        lambda: (NoZeroGrad(mlp(), lr=1e-2), reg(), {}),
+        ("missing_zero_grad",),
+        notes="optimizer_zero_grad overridden with a no-op",
+    ),
+    Scenario(
+        "loss_sum_reduction",
+        lambda: (_lit(mlp(), loss=_sum_mse, lr=1e-3), reg(), {}),
+        ("loss_sum_reduction",),
+        notes="MSE with reduction='sum' (scales with the batch size)",
     ),
 ]
 
@@ -670,5 +738,8 @@ def judge(res: Result, codes: tuple[str, ...] | None = None) -> tuple[list[str],
     bad = [f for f in res.findings if f.severity in ("warning", "error") and f.code in codes]
     found = {f.code for f in bad}
     missed = [c for c in res.scenario.expect if c not in found]
-    false = [f for f in bad if f.code not in res.scenario.expect] if not res.scenario.planted else []
+    if res.scenario.planted:  # extra codes are fine on a planted run, except those it forbids
+        false = [f for f in bad if f.code in res.scenario.forbid]
+    else:
+        false = [f for f in bad if f.code not in res.scenario.expect]
     return missed, false

@@ -51,8 +51,9 @@ def assert_explains(f: Any) -> None:
 def test_planted_pathology_is_found(name: str) -> None:
     res = result(name)
     sc = res.scenario
-    missed, _ = judge(res)
+    missed, wrong = judge(res)
     assert not missed, f"{name}: missed {missed}; got {[str(f) for f in res.findings]}"
+    assert not wrong, f"{name}: the wrong story {[str(f) for f in wrong]}"
     assert_contract(res.findings)
     assert (res.exception is not None) == sc.raises, res.exception
     for code in sc.expect:
@@ -61,7 +62,10 @@ def test_planted_pathology_is_found(name: str) -> None:
             assert sc.layer in {f.layer for f in hits}, [str(f) for f in hits]
         for f in hits:
             assert f.step < 20, "a problem present from the start is found within the first 20 steps"
-            assert_explains(f)
+            if code in PATHOLOGY_CODES:
+                assert_explains(f)
+            else:  # data and bug checks word their advice their own way: numbers and a fix
+                assert any(ch.isdigit() for ch in f.message) and len(f.message) > 80, f.message
     # one finding per (code, layer), never a storm: at most one non-finite finding per run
     assert len([f for f in res.findings if f.code in ("nonfinite_loss", "nonfinite_gradients")]) <= 1
 
@@ -78,7 +82,9 @@ def test_healthy_run_is_silent(name: str) -> None:
 
 def test_suite_size() -> None:
     assert len(PLANTED) >= 15 and len(HEALTHY) >= 12
-    assert {c for s in PLANTED for c in s.expect} == set(PATHOLOGY_CODES), "every code has a planted run"
+    planted = {c for s in PLANTED for c in s.expect}
+    assert planted >= set(PATHOLOGY_CODES), "every pathology code has a planted run"
+    assert planted >= {"input_scale", "label_scale", "gradient_spikes", "missing_zero_grad", "loss_sum_reduction"}
 
 
 @pytest.mark.parametrize("name", ["exploding_act_relu_init", "vanishing_act_relu_init", "vanishing_act_selu_init"])
