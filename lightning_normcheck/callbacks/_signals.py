@@ -39,6 +39,9 @@ MEDIAN_SAMPLE = 65536
 MAX_ELEMENTS = 1 << 20
 #: Step -> batch index entries kept for the spike report (flushes are at most this far apart).
 MAX_BATCH_MAP = 20000
+#: A step with no batch of its own was made in the batch of an earlier step (manual optimization with several
+#: optimizers, a GAN's n_critic loop): looked up this many steps back at most.
+MAX_STEPS_PER_BATCH = 16
 
 
 def _walk(batch: Any, name: str, depth: int, out: list[tuple[str, str, Tensor]]) -> None:
@@ -333,6 +336,10 @@ class _GradientSpikes(_Monitor):
 
     def _batch_of(self, step: int) -> str:
         b = self._batches.get(step)
+        for earlier in range(step - 1, step - MAX_STEPS_PER_BATCH - 1, -1):  # several optimizer steps per batch
+            if b is not None or earlier < 0:
+                break
+            b = self._batches.get(earlier)
         if b is None:
             return ""
         epoch, first, last = b
@@ -350,18 +357,13 @@ class _GradientSpikes(_Monitor):
             for s, v in totals:
                 per_opt.setdefault(self._step_opt.get(s, 0), []).append((s, v))
             several = len(self._opt_index) > 1
+            new: list[DD.Spike] = []
             for k, series in sorted(per_opt.items()):
                 history = self.histories.setdefault(k, DD.SpikeHistory())
-                DD.diagnose_spikes(
-                    run.findings,
-                    history,
-                    series,
-                    self._batch_of,
-                    self._clipping(run),
-                    self.factor,
-                    self.task,
-                    optimizer=self._optimizer_name(run, k) if several else None,
-                )
+                name = self._optimizer_name(run, k) if several else ""
+                new += history.update(series, lambda s, n=name: ", ".join(filter(None, (self._batch_of(s), n))))
+            view = DD.merged_history(list(self.histories.values())) if len(self.histories) > 1 else self.history
+            DD.report_spikes(run.findings, view, new, self._clipping(run), self.factor, self.task)
             self._step_opt = {}
             if several:  # the clipping hint compares totals against one clip value: the first optimizer's
                 totals = per_opt.get(0, [])

@@ -404,7 +404,6 @@ def diagnose_spikes(
     clipping: str | None,
     factor: float = SPIKE_FACTOR,
     task: str | None = None,
-    optimizer: str | None = None,
 ) -> None:
     """Report intermittent spikes of the total gradient norm (``gradient_spikes``), one finding in all.
 
@@ -422,10 +421,30 @@ def diagnose_spikes(
         factor: the spike factor.
         task: ``"classification"`` (integer targets), ``"regression"`` (float targets) or ``None``:
             orders the likely causes.
-        optimizer: with several optimizers, the one whose totals ``history`` holds (``"optimizer 1
-            (Adam)"``); each optimizer's totals are judged against its own median.
     """
-    new = history.update(totals, batch_of, factor)
+    report_spikes(findings, history, history.update(totals, batch_of, factor), clipping, factor, task)
+
+
+def merged_history(histories: Sequence[SpikeHistory]) -> SpikeHistory:
+    """One view of several optimizers' spike histories (each judged on its own scale), for the report."""
+    spikes = sorted((s for h in histories for s in h.spikes), key=lambda s: s.step)[:MAX_LISTED]
+    return SpikeHistory(
+        spikes=spikes,
+        count=sum(h.count for h in histories),
+        max_factor=max((h.max_factor for h in histories), default=0.0),
+        last_step=max((h.last_step for h in histories), default=-1),
+    )
+
+
+def report_spikes(
+    findings: FindingLog,
+    history: SpikeHistory,
+    new: Sequence[Spike],
+    clipping: str | None,
+    factor: float = SPIKE_FACTOR,
+    task: str | None = None,
+) -> None:
+    """Report the spikes listed in ``history`` when ``new`` ones were confirmed (see :func:`diagnose_spikes`)."""
     if not new:
         return
     listed = history.spikes
@@ -440,7 +459,7 @@ def diagnose_spikes(
         else "Nothing clips the gradients: clip them, gradient_clip_val=1.0 in the Trainer."
     )
     message = (
-        f"the total gradient norm{' of ' + optimizer if optimizer else ''} spiked {history.count} time(s) to {_g(factor)}x+ its running median and fell "
+        f"the total gradient norm spiked {history.count} time(s) to {_g(factor)}x+ its running median and fell "
         f"back right after (worst {_g(worst.factor)}x at step {worst.step}, norm {_g(worst.norm)} vs median "
         f"{_g(worst.median)}; a clean run stays within 3x): {items}{more}. Likely causes, most likely first: "
         f"{_SPIKE_CAUSES.get(task or '', _SPIKE_CAUSES[''])}. {clip} Check those batches (with shuffle=True "
