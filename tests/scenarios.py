@@ -415,6 +415,11 @@ class NoZeroGrad(LitModel):
         pass  # the bug: gradients are never cleared
 
 
+class SkipOdd(LitModel):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return None if batch_idx % 2 else super().training_step(batch, batch_idx)  # no backward: no gradient
+
+
 def _sum_mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(pred, y, reduction="sum")
 
@@ -652,6 +657,12 @@ HEALTHY: list[Scenario] = [
     Scenario("manual_two_optimizers", lambda: (TwoOptimizers(), reg(), {}), max_steps=40),
     Scenario(
         "embedding_bag", lambda: (_lit(BagModel(), loss=_ce, lr=3e-3, optimizer="adam"), bags(), {}), max_steps=30
+    ),
+    Scenario(
+        "skipped_batches",
+        lambda: (SkipOdd(mlp(), lr=1e-3, optimizer="adam"), reg(n=2048), {}),
+        max_steps=60,
+        notes="training_step returns None on every other batch: those optimizer steps have no gradient",
     ),
     Scenario(
         "high_lr_adam_converging",

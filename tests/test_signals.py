@@ -566,6 +566,27 @@ def test_two_optimizers_spike_of_one_optimizer_is_found() -> None:
     assert "exploding_gradients" not in {g.code for g in cb.findings}
 
 
+def test_skipped_batches_are_not_samples_of_the_gradient_norm() -> None:
+    """training_step returning None on every other batch: those optimizer steps have no gradient (total 0);
+    they must not drag the running median down so that every real step looks like a spike."""
+
+    class Skipping(LitModel):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return None if batch_idx % 2 else super().training_step(batch, batch_idx)
+
+    rec = NormRecorder()
+    cb = NormCheck(print_summary=False)
+    ds = corrupted(0.0, batches=(), n=60 * 16)
+    fit(Skipping(mlp(), optimizer="adam"), loader(ds), [rec, cb], max_steps=60, log_every_n_steps=50)
+    assert rec.totals.count(0.0) >= 25 and min(v for v in rec.totals if v > 0) > 0.01  # half the steps: no grads
+    assert bad(cb.findings) == [], [str(f) for f in bad(cb.findings)]
+    # a corrupted label among them is still a spike
+    cb = NormCheck(print_summary=False)
+    fit(Skipping(mlp(), optimizer="adam"), loader(corrupted(1000.0, batches=(40,))), [cb], max_steps=60)
+    f = finding(cb, "gradient_spikes")
+    assert f.extra["steps"] == [40] and "exploding_gradients" not in codes(cb.findings)
+
+
 def test_spike_state_survives_resume(tmp_path: Any) -> None:
     """A spike two steps after resuming is found: the running-median window came back with the checkpoint."""
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=25)

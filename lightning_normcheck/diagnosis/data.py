@@ -347,6 +347,8 @@ class SpikeHistory:
             if not math.isfinite(value):
                 self.pending = []  # non-finite: a different problem (nonfinite_gradients); drop the pending
                 continue
+            if value == 0.0:
+                continue  # no gradient at all (a skipped batch: training_step returned None): not a sample
             still: list[tuple[Spike, int]] = []
             for spike, age in self.pending:
                 if value <= max(FALLBACK_BAND * spike.median, spike.norm / FALLBACK_DROP):

@@ -445,6 +445,7 @@ def _gradient_growth(
     series = history.get(key)
     bad = next((i for i, (_, v) in enumerate(series) if not math.isfinite(v)), len(series))
     series = series[:bad]  # judge the steps before the first non-finite value
+    series = [(s, v) for s, v in series if v > 0]  # a zero total is a step without gradients (skipped batch)
     window = series[-th.grad_window :]
     if len(window) < th.grad_min_steps or _has_data_cause(findings) or findings.get("exploding_gradients"):
         return
