@@ -587,6 +587,31 @@ def test_skipped_batches_are_not_samples_of_the_gradient_norm() -> None:
     assert f.extra["steps"] == [40] and "exploding_gradients" not in codes(cb.findings)
 
 
+class MaxEntryRecorder(L.Callback):
+    """Independent max |gradient entry| of every optimizer step (before Lightning clips)."""
+
+    def __init__(self) -> None:
+        self.maxes: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.maxes.append(max(float(p.grad.abs().max()) for p in pl_module.parameters() if p.grad is not None))
+
+
+def test_trainer_value_clipping_is_read_as_value_clipping() -> None:
+    """Trainer(gradient_clip_algorithm="value") stores an enum whose str() is 'GradClipAlgorithmType.VALUE':
+    the clip tracker and the spike monitor must still see 'value' (max |entry| vs the value, not the norm)."""
+    rec = MaxEntryRecorder()
+    cb = NormCheck(print_summary=False)
+    kw = {"gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"}
+    fit(LitModel(mlp(), lr=1e-2, optimizer="adam"), loader(TensorDataset(*tabular(640))), [rec, cb], max_steps=20, **kw)
+    f = finding(cb, "high_clip_rate")
+    assert "max |gradient entry|" in f.message and "total gradient norm" not in f.message
+    clipped = [m for m in rec.maxes[: f.step + 1] if m > 0.5]
+    assert f"clipped on {len(clipped) / (f.step + 1):.0%}" in f.message
+    spikes = next(m for m in cb._monitors if m.name == "gradient_spikes")
+    assert spikes.clip_algorithm == "value"
+
+
 def test_spike_state_survives_resume(tmp_path: Any) -> None:
     """A spike two steps after resuming is found: the running-median window came back with the checkpoint."""
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=25)

@@ -310,7 +310,8 @@ class _GradientSpikes(_Monitor):
     def setup(self, run: _Run) -> None:
         trainer = run.trainer
         self.clip_val = float(trainer.gradient_clip_val) if trainer.gradient_clip_val else None
-        self.clip_algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm")
+        algo = getattr(trainer, "gradient_clip_algorithm", None)  # a GradClipAlgorithmType: str() is its name
+        self.clip_algorithm = str(getattr(algo, "value", algo) or "norm")
         self._batches = OrderedDict()
         self.task = None
         self._opt_index = {}

@@ -36,7 +36,8 @@ class _ClipRate(_Monitor):
         self.threshold = self.clip_threshold
         if self.threshold is None and trainer.gradient_clip_val:
             self.threshold = float(trainer.gradient_clip_val)
-        self.algorithm = self.clip_algorithm or str(getattr(trainer, "gradient_clip_algorithm", None) or "norm")
+        algo = getattr(trainer, "gradient_clip_algorithm", None)  # a GradClipAlgorithmType: str() is its name
+        self.algorithm = self.clip_algorithm or str(getattr(algo, "value", algo) or "norm")
         self._clipped = None
         self._pos = self._filled = 0
         self._pending = []
