@@ -415,6 +415,19 @@ class NoZeroGrad(LitModel):
         pass  # the bug: gradients are never cleared
 
 
+class OneCycleAdamW(LitModel):
+    """AdamW with OneCycleLR (warm-up to 1e-2 over the first 30% of the steps): the norm rises ~50x."""
+
+    def __init__(self, net: nn.Module, total_steps: int = 150) -> None:
+        super().__init__(net)
+        self.total_steps = total_steps
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=self.total_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class SkipOdd(LitModel):
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         return None if batch_idx % 2 else super().training_step(batch, batch_idx)  # no backward: no gradient
@@ -657,6 +670,12 @@ HEALTHY: list[Scenario] = [
     Scenario("manual_two_optimizers", lambda: (TwoOptimizers(), reg(), {}), max_steps=40),
     Scenario(
         "embedding_bag", lambda: (_lit(BagModel(), loss=_ce, lr=3e-3, optimizer="adam"), bags(), {}), max_steps=30
+    ),
+    Scenario(
+        "onecycle_warmup_adamw",
+        lambda: (OneCycleAdamW(mlp(width=64, depth=4)), reg(n=4096), {}),
+        max_steps=150,
+        notes="LR warm-up: the gradient norm rises ~50x in 30 steps; bursts of 3-4x its recent level",
     ),
     Scenario(
         "skipped_batches",

@@ -52,6 +52,10 @@ SPIKE_FACTOR = 10.0
 SPIKE_MIN_HISTORY = 8
 #: Length of the running-median window, in optimizer steps.
 SPIKE_WINDOW = 50
+#: The baseline is the larger of that median and the median of the last SPIKE_RECENT steps: the norm of a
+#: healthy run can rise 5-10x within 50 steps (LR warm-up: OneCycleLR measured 0.2 -> 13 by step 27, with
+#: 36-45 steps 3.5x its recent median but 15-18x the 50-step one); a bad batch in a steady run gives both.
+SPIKE_RECENT = 8
 #: A spike must fall back within this many steps, to within FALLBACK_BAND x the median it broke from or
 #: to FALLBACK_DROP x below its own peak: a steady climb (exploding_gradients) or a rise to a new plateau
 #: never falls back. "Within 3x" is the clean-run band above; the drop covers a bad batch that knocked
@@ -357,7 +361,8 @@ class SpikeHistory:
                     still.append((spike, age + 1))
             self.pending = still
             if len(self.window) >= SPIKE_MIN_HISTORY:
-                median = statistics.median(self.window)
+                recent = list(self.window)[-SPIKE_RECENT:]
+                median = max(statistics.median(self.window), statistics.median(recent))
                 if median > 0 and value > factor * median:
                     self.pending.append((Spike(step, value, median, batch_of(step)), 0))
             self.window.append(value)
@@ -410,7 +415,7 @@ def diagnose_spikes(
     """Report intermittent spikes of the total gradient norm (``gradient_spikes``), one finding in all.
 
     A spike is a total norm above ``factor`` x the running median of the last :data:`SPIKE_WINDOW` steps
-    (after :data:`SPIKE_MIN_HISTORY` steps) that falls back within :data:`SPIKE_FALLBACK_STEPS` steps (to
+    (or of the last :data:`SPIKE_RECENT`, whichever is larger; after :data:`SPIKE_MIN_HISTORY` steps) that falls back within :data:`SPIKE_FALLBACK_STEPS` steps (to
     within :data:`FALLBACK_BAND` x that median, or :data:`FALLBACK_DROP` x below its peak); a steady climb
     or a rise to a new level never falls back and is left to ``exploding_gradients``.
 
