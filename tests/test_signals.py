@@ -497,6 +497,22 @@ def test_spike_history_steady_climb_is_not_a_spike() -> None:
     assert h2.count == 3 and list(h2.window)[-1] == 1.0
 
 
+def test_burst_of_bad_batches_that_falls_back_is_not_an_explosion() -> None:
+    """Two corrupted labels in a row knock the weights: the norm rises 3 steps in a row (200 -> 367 -> 684,
+    judged at the dense early flushes as it happens) and then falls back. The final report: gradient_spikes;
+    exploding_gradients, said while it rose, becomes info once the norm fell back."""
+    rec = NormRecorder()
+    cb = NormCheck(print_summary=False)
+    fit(LitModel(mlp(), lr=1e-2), loader(corrupted(1000.0, batches=(12, 13))), [rec, cb], max_steps=30)
+    t = rec.totals
+    low = min(t[8:12])
+    assert t[12] < t[13] < t[14] and t[13] / low > 100 and t[14] / low > 100  # persistent growth at step 14
+    assert statistics.median(t[15:18]) < 10 * low  # ... that fell back
+    assert codes(cb.findings) == {"gradient_spikes"}, [str(f) for f in bad(cb.findings)]
+    f = finding(cb, "exploding_gradients")
+    assert f.severity == "info" and "fell back" in f.message
+
+
 def test_exploding_gradients_needs_growth_that_persists() -> None:
     """One high newest value is a spike (it falls back); a geometric climb is found one step after it passes
     the threshold, and a two-step rise to a new level is found too."""

@@ -32,6 +32,9 @@ INPUT_LABEL = "<input>"
 NONFINITE_CODES = ("nonfinite_loss", "nonfinite_gradients")
 #: Codes of helper diagnoses that explain a large gradient by the data: then no exploding_gradients.
 DATA_CAUSES = ("label_scale", "input_scale")
+#: Finite steps after a reported growth whose median must be back within sqrt(grad_growth) = 10x of the
+#: growth's start for the finding to become info (a burst of bad batches, measured 200 -> 684 -> 4).
+GROWTH_FALLBACK_STEPS = 3
 
 
 @dataclass
@@ -444,10 +447,16 @@ def _gradient_growth(
 ) -> None:
     series = history.get(key)
     bad = next((i for i, (_, v) in enumerate(series) if not math.isfinite(v)), len(series))
+    finite = bad == len(series)
     series = series[:bad]  # judge the steps before the first non-finite value
     series = [(s, v) for s, v in series if v > 0]  # a zero total is a step without gradients (skipped batch)
     window = series[-th.grad_window :]
-    if len(window) < th.grad_min_steps or _has_data_cause(findings) or findings.get("exploding_gradients"):
+    known = findings.get("exploding_gradients")
+    if known is not None and known.severity != "info":
+        if finite and known.extra.get("growth_key") == key:
+            _growth_fell_back(findings, known, series, th)
+        return
+    if len(window) < th.grad_min_steps or _has_data_cause(findings):
         return
     vals = [v for _, v in window]
     lo_i = min(range(len(vals)), key=lambda i: vals[i])
@@ -483,6 +492,29 @@ def _gradient_growth(
         " label scale, init std too large. What to try: lower the LR (e.g. 10x) or add warmup, clip"
         " gradients (gradient_clip_val=1.0), normalize the targets.",
         value=hi / lo,
+        growth_key=key,
+        growth_from=lo,
+        growth_step=s_hi,
+    )
+
+
+def _growth_fell_back(findings: FindingLog, f: Any, series: list[tuple[int, float]], th: Thresholds) -> None:
+    """A growth finding whose norm came back down (finite, within 10x of where it grew from) on the next
+    :data:`GROWTH_FALLBACK_STEPS` steps was a burst (a few bad batches in a row knock the weights and the
+    next steps' gradients are large too), not a divergence: the finding becomes info; gradient_spikes
+    tells the story. A later real explosion escalates it again."""
+    after = [v for s, v in series if s > f.extra.get("growth_step", math.inf)]
+    lo = float(f.extra.get("growth_from", 0.0))
+    if len(after) < GROWTH_FALLBACK_STEPS or lo <= 0 or _has_nonfinite_finding(findings):
+        return
+    recent = after[-GROWTH_FALLBACK_STEPS:]
+    if statistics.median(recent) >= math.sqrt(th.grad_growth) * lo:
+        return
+    f.severity = "info"
+    f.message = (
+        f"the total gradient norm grew {_fmt(f.value or 0.0)}x (from {_fmt(lo)}) up to step"
+        f" {f.extra.get('growth_step')} and then fell back to {_fmt(recent[-1])}: a burst, not a sustained"
+        f" explosion (see gradient_spikes for the batches). Earlier report: {f.message}"
     )
 
 
