@@ -9,7 +9,6 @@ Example (shell)::
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
