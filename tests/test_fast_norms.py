@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -41,24 +39,3 @@ def test_plan_falls_back_for_sparse_gradients_and_other_lengths() -> None:
     torch.testing.assert_close(_NormPlan([emb.weight]).norms([grad]), dense.norm().reshape(1))
     a, b = torch.ones(3), torch.full((2,), 2.0)
     torch.testing.assert_close(_NormPlan([a, b]).norms([a]), torch.tensor([3.0**0.5]))  # a subset: general path
-
-
-def test_tensorboard_rows_read_back_like_log_metrics(tmp_path: Any) -> None:
-    """One event per step (the fast path) gives TensorBoard the same tags, steps and values as one per scalar."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from lightning_normcheck.callbacks._base import _log_metrics
-
-    rows = {3: {"normcheck/a": 1.5, "normcheck/b/x.y": -2.25}, 7: {"normcheck/a": 0.125, "normcheck/c": 1e-8}}
-    read = []
-    for name, write in (("own", lambda lg, r, s: lg.log_metrics(r, step=s)), ("fast", _log_metrics)):
-        logger = TensorBoardLogger(str(tmp_path), name=name)
-        for step, row in rows.items():
-            write(logger, row, step)
-        logger.experiment.flush()
-        acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
-        acc.Reload()
-        read.append({t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]})
-    assert read[0] == read[1]
-    assert read[1]["normcheck/a"] == [(3, 1.5), (7, 0.125)]

@@ -375,29 +375,7 @@ class _Run:
 
 
 def _log_metrics(logger: Any, row: dict[str, float], step: int) -> None:
-    """``logger.log_metrics(row, step=step)``; for a plain ``TensorBoardLogger``, the same scalars as ONE event.
-
-    ``TensorBoardLogger.log_metrics`` writes one event per scalar through a bounded queue to a writer thread:
-    about 30 us per scalar on a 2-core CPU, mostly the thread hand-off, and a flush of a 450-module model has
-    ~1,500 per-layer scalars. One ``Summary`` holding every value is read back by TensorBoard exactly like
-    one event per scalar (same tags, steps and values). Anything else (a subclass, a prefix, tensorboardX)
-    takes the logger's own ``log_metrics``.
-    """
-    if len(row) > 1 and type(logger).__name__ == "TensorBoardLogger" and not getattr(logger, "_prefix", ""):
-        try:
-            from lightning.fabric.loggers import TensorBoardLogger as FabricTB
-            from lightning.pytorch.loggers import TensorBoardLogger as PlTB
-            from tensorboard.compat.proto.summary_pb2 import Summary
-            from torch.utils.tensorboard import SummaryWriter
-
-            if type(logger) in (PlTB, FabricTB):
-                writer = logger.experiment
-                if type(writer) is SummaryWriter:
-                    values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in row.items()]
-                    writer._get_file_writer().add_summary(Summary(value=values), step)
-                    return
-        except Exception:  # noqa: BLE001 - the logger's own path below
-            pass
+    """One ``logger.log_metrics(row, step=step)`` call: Lightning's logger API, whatever the logger."""
     logger.log_metrics(row, step=step)
 
 
