@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_normcheck.callbacks._base import _STACK_NUMEL, _NormPlan
+from lightning_normcheck.norms import STACK_NUMEL, NormPlan
 
 
 def test_plan_matches_vector_norm_for_mixed_shapes_in_order() -> None:
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (200, 100), (4,), (3, 4), (5,), (300, 70), (4,), (1,), (2, 3, 5)]
     ts = [torch.randn(*s, generator=g) * (10.0**i) for i, s in enumerate(shapes)]
-    assert any(t.numel() > _STACK_NUMEL for t in ts) and any(t.numel() <= _STACK_NUMEL for t in ts)
-    got = _NormPlan(ts).norms(ts)
+    assert any(t.numel() > STACK_NUMEL for t in ts) and any(t.numel() <= STACK_NUMEL for t in ts)
+    got = NormPlan(ts).norms(ts)
     want = torch.stack([torch.linalg.vector_norm(t) for t in ts])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
     total = torch.linalg.vector_norm(got)
@@ -25,7 +25,7 @@ def test_plan_on_many_small_layers_matches_get_total_norm() -> None:
     net = nn.Sequential(*[nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16)) for _ in range(100)])
     net(torch.randn(8, 16)).pow(2).mean().backward()
     params = list(net.parameters())
-    got = _NormPlan(params).norms([p.grad for p in params])  # type: ignore[misc]
+    got = NormPlan(params).norms([p.grad for p in params])  # type: ignore[misc]
     want = torch.stack([p.grad.norm() for p in params])  # type: ignore[union-attr]
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
 
@@ -36,6 +36,6 @@ def test_plan_falls_back_for_sparse_gradients_and_other_lengths() -> None:
     grad = emb.weight.grad
     assert grad is not None and grad.is_sparse
     dense = grad.to_dense()
-    torch.testing.assert_close(_NormPlan([emb.weight]).norms([grad]), dense.norm().reshape(1))
+    torch.testing.assert_close(NormPlan([emb.weight]).norms([grad]), dense.norm().reshape(1))
     a, b = torch.ones(3), torch.full((2,), 2.0)
-    torch.testing.assert_close(_NormPlan([a, b]).norms([a]), torch.tensor([3.0**0.5]))  # a subset: general path
+    torch.testing.assert_close(NormPlan([a, b]).norms([a]), torch.tensor([3.0**0.5]))  # a subset: general path

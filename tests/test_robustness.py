@@ -17,9 +17,8 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import LitModel, classification_data, fit, loader, mlp, regression_data, trainer
+from helpers import LitModel, MemLogger, classification_data, fit, loader, mlp, regression_data, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -39,31 +38,6 @@ def _one_thread() -> Iterator[None]:
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
-
-
-class MemLogger(Logger):
-    """Keeps every ``log_metrics`` call in memory."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "mem"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((int(step or 0), dict(metrics)))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def keys(self) -> set[str]:
-        return {k for _, row in self.rows for k in row}
 
 
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import LitModel, bad, codes, fit, loader, mlp
-from lightning.pytorch.loggers import Logger
+from helpers import MemLogger as CaptureLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -41,26 +41,6 @@ class NormRecorder(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         self.totals.append(float(torch.nn.utils.get_total_norm(grads)))
-
-
-class CaptureLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((int(step or 0), dict(metrics)))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 def tabular(n: int = 320, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,7 +134,7 @@ class _GradStats:
         layers: list[int],
         layer_index: Tensor,
         step: int,
-        plan: _NormPlan | None = None,
+        plan: N.NormPlan | None = None,
     ) -> None:
         self.params = params
         self.grads = grads
@@ -143,68 +143,6 @@ class _GradStats:
         self.step = step
         self.norms = plan.norms(grads) if plan is not None else N.tensor_norms(grads)
         self.total = N.total_norm(self.norms)
-
-
-#: Tensors up to this many elements are stacked by shape and reduced together (copying them costs less than
-#: one kernel launch each: 600 small parameters take 0.26 ms instead of 1.9 ms on a 2-core CPU).
-_STACK_NUMEL = 8192
-
-
-def _norm_plan(tensors: list[Tensor]) -> _NormPlan | None:
-    """A :class:`_NormPlan` for ``tensors`` (and any list of same-shaped tensors), or None when they are not all
-    plain float32 tensors on one device."""
-    plain = bool(tensors) and all(
-        type(t) in (Tensor, torch.nn.Parameter) and t.dtype == torch.float32 and t.device == tensors[0].device
-        for t in tensors
-    )
-    return _NormPlan(tensors) if plain else None
-
-
-def _plan_norms(plan: _NormPlan | None, tensors: list[Tensor]) -> Tensor:
-    """Per-tensor L2 norms through ``plan`` when there is one, else :func:`norms.tensor_norms`."""
-    return plan.norms(tensors) if plan is not None else N.tensor_norms(tensors)
-
-
-class _NormPlan:
-    """A fast way to compute the per-tensor L2 norms of one optimizer's gradients, built once per fit.
-
-    The hot path of every optimizer step. Only for plain float32 tensors on one device (the caller checks):
-    large gradients go through one fused ``_foreach_norm``; small ones are stacked by shape, one
-    ``vector_norm`` per shape, so a model of hundreds of small layers does not pay one kernel per tensor.
-    The result is in the order of the parameters and equals :func:`~lightning_normcheck.norms.tensor_norms`.
-    Anything unexpected (a sparse gradient from ``nn.Embedding(sparse=True)``) takes that general path.
-    """
-
-    __slots__ = ("count", "big", "groups", "inverse")
-
-    def __init__(self, params: list[Tensor]) -> None:
-        self.count = len(params)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        self.big: list[int] = []
-        for i, p in enumerate(params):
-            if p.numel() > _STACK_NUMEL:
-                self.big.append(i)
-            else:
-                by_shape.setdefault(tuple(p.shape), []).append(i)
-        self.groups = [g for g in by_shape.values() if g]
-        order = self.big + [i for g in self.groups for i in g]
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-        self.inverse = inverse.to(params[0].device)
-
-    def norms(self, grads: list[Tensor]) -> Tensor:
-        if len(grads) != self.count:
-            return N.tensor_norms(grads)
-        try:
-            parts: list[Tensor] = []
-            if self.big:
-                parts.append(torch.stack(torch._foreach_norm([grads[i] for i in self.big], 2.0)))
-            for g in self.groups:
-                stacked = torch.stack([grads[i] for i in g])
-                parts.append(torch.linalg.vector_norm(stacked.reshape(len(g), -1), 2.0, dim=1))
-            return torch.cat(parts)[self.inverse]
-        except (NotImplementedError, RuntimeError):
-            return N.tensor_norms(grads)
 
 
 class _Run:
@@ -239,8 +177,8 @@ class _Run:
         self.probing = False  # True while a probe runs extra forward passes: hooks must ignore them
         self._grad_cache: dict[int, _GradStats] = {}
         self._opt_index: dict[int, tuple[list[Tensor], list[int], Tensor]] = {}
-        self._opt_plan: dict[int, _NormPlan | None] = {}  # id(optimizer) -> fast gradient-norm plan (or None)
-        self._sub_index: dict[tuple[int, tuple[int, ...]], tuple[list[int], Tensor, _NormPlan | None]] = {}
+        self._opt_plan: dict[int, N.NormPlan | None] = {}  # id(optimizer) -> fast gradient-norm plan (or None)
+        self._sub_index: dict[tuple[int, tuple[int, ...]], tuple[list[int], Tensor, N.NormPlan | None]] = {}
 
     @property
     def pl_module(self) -> pl.LightningModule:
@@ -286,11 +224,7 @@ class _Run:
         params, layers, index = self.optimizer_params(optimizer)
         key = id(optimizer)
         if key not in self._opt_plan:
-            plain = bool(params) and all(
-                type(p) in (Tensor, torch.nn.Parameter) and p.dtype == torch.float32 and p.device == params[0].device
-                for p in params
-            )
-            self._opt_plan[key] = _NormPlan(params) if plain else None
+            self._opt_plan[key] = N.norm_plan(params)
         grads = [p.grad for p in params]
         if not any(g is None for g in grads):
             stats = _GradStats(params, grads, layers, index, step, self._opt_plan[key])  # type: ignore[arg-type]
@@ -300,7 +234,7 @@ class _Run:
             sub_key = (key, with_grad)  # the same parameters are usually frozen at every step
             if sub_key not in self._sub_index:
                 sub = [layers[i] for i in with_grad]
-                plan = _NormPlan(sub_params) if self._opt_plan[key] is not None and sub_params else None
+                plan = N.NormPlan(sub_params) if self._opt_plan[key] is not None and sub_params else None
                 self._sub_index = {sub_key: (sub, torch.tensor(sub, dtype=torch.long), plan)}
             sub, sub_index, plan = self._sub_index[sub_key]
             stats = _GradStats(

@@ -12,10 +12,7 @@ from lightning_normcheck import norms as N
 from lightning_normcheck.callbacks._base import (
     _check_bool,
     _Monitor,
-    _norm_plan,
     _NormCheckBase,
-    _NormPlan,
-    _plan_norms,
     _Run,
 )
 
@@ -41,7 +38,7 @@ class _WeightDrift(_Monitor):
         self.layer_index = torch.tensor(self.layers, dtype=torch.long)
         self.reference = None  # a new fit measures from its own start, unless a checkpoint restores one
         # fast norms of self.params and of any list shaped like it (reference, differences); flush-time only
-        self._plan: _NormPlan | None = _norm_plan(self.params)
+        self._plan: N.NormPlan | None = N.norm_plan(self.params)
         self._ref_norms: tuple[list[Tensor], Tensor] | None = None  # (reference, its per-tensor norms)
 
     def on_train_start(self, run: _Run) -> None:
@@ -85,16 +82,16 @@ class _WeightDrift(_Monitor):
         labels = [run.layer_label(i) for i in present]
         plan = getattr(self, "_plan", None)
         with torch.no_grad():
-            w_norms = _plan_norms(plan, self.params)
+            w_norms = N.plan_norms(plan, self.params)
         per_layer = N.group_norms(w_norms, self.layer_index, n_layers)
         run.add_metrics("normcheck/weight_norm/", per_layer[present], labels)
         if self.reference is not None:
             with torch.no_grad():
                 diffs = torch._foreach_sub([p.detach() for p in self.params], self.reference)
-                drift = N.group_norms(_plan_norms(plan, diffs), self.layer_index, n_layers)
+                drift = N.group_norms(N.plan_norms(plan, diffs), self.layer_index, n_layers)
                 cached = getattr(self, "_ref_norms", None)
                 if cached is None or cached[0] is not self.reference:  # the reference is fixed: measure it once
-                    cached = self._ref_norms = (self.reference, _plan_norms(plan, self.reference))
+                    cached = self._ref_norms = (self.reference, N.plan_norms(plan, self.reference))
             ref = N.group_norms(cached[1], self.layer_index, n_layers)
             run.add_metrics("normcheck/weight_drift/", (drift / ref.clamp_min(1e-12))[present], labels)
             run.add_metrics("_weight_ref/", ref[present], labels)  # start-of-fit norms, for diagnosis
@@ -105,7 +102,7 @@ class _WeightDrift(_Monitor):
             params, layers, index = run.optimizer_params(opt)
             u = N.group_norms(upd, index, n_layers)
             with torch.no_grad():
-                w = N.group_norms(_plan_norms(run._opt_plan.get(id(opt)), params), index, n_layers)
+                w = N.group_norms(N.plan_norms(run._opt_plan.get(id(opt)), params), index, n_layers)
             opt_present = sorted(set(layers))
             run.add_metrics(
                 "normcheck/update_ratio/",
