@@ -12,6 +12,8 @@ that shows the instrumentation works).
 from __future__ import annotations
 
 import sys
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -140,3 +142,58 @@ def test_a_planted_sync_is_caught(syncs: Any, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(AssertionError, match="unsampled steps"):
         _check(events)
     assert {s for s, name, _ in events if name == "__float__"} >= set(range(21, 25))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_cuda_sync_on_unsampled_steps() -> None:
+    """On CUDA, ``torch.cuda.set_sync_debug_mode("error")`` is on while the package's code runs on unsampled steps.
+
+    Every entry into the package goes through ``_call`` (Lightning hooks), ``_safely`` (the flush) or a
+    ``_guard``-wrapped hook (forward, tensor and optimizer hooks inside the user's code); all are wrapped here. A synchronizing call there raises,
+    the package's fault isolation switches that monitor off and warns: the fit must end with no monitor switched
+    off. The control: the same wrapper with the mode on at every step must see the logging steps' transfer fail.
+    """
+    from lightning_normcheck.callbacks import _base
+
+    def run_fit(check: Callable[[int | None], bool]) -> NormCheck:
+        tracker = _BatchTracker()
+        base = _base._NormCheckBase
+        original_call, original_guard, original_safely = base._call, base._guard, base._safely
+
+        def checked(fn: Any) -> Any:
+            def inner(*args: Any, **kwargs: Any) -> Any:
+                if not check(tracker.step):
+                    return fn(*args, **kwargs)
+                previous = torch.cuda.get_sync_debug_mode()  # calls nest (the flush calls the monitors)
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    torch.cuda.set_sync_debug_mode(previous)
+
+            return inner
+
+        def call(self: Any, method: str, *args: Any) -> None:
+            checked(lambda: original_call(self, method, *args))()
+
+        def guard(self: Any, monitor: Any, fn: Any) -> Any:
+            return original_guard(self, monitor, checked(fn))
+
+        def safely(self: Any, fn: Any, *args: Any) -> None:
+            original_safely(self, checked(fn), *args)
+
+        cb = NormCheck(print_summary=False)
+        net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+        data = loader(regression_data(n=STEPS * 8, d=8), batch_size=8)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(base, "_call", call)
+            mp.setattr(base, "_guard", guard)
+            mp.setattr(base, "_safely", safely)
+            fit(LitModel(net), data, [tracker, cb], max_steps=STEPS, log_every_n_steps=EVERY, accelerator="cuda")
+        return cb
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert run_fit(_unsampled).disabled_monitors == []
+        # control: with the mode on at the sampled steps too, the one transfer per logging step is caught
+        assert run_fit(lambda step: step is not None).disabled_monitors != []
