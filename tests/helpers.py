@@ -35,7 +35,9 @@ def loader(ds: TensorDataset, batch_size: int = 16, shuffle: bool = False) -> Da
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=0)
 
 
-def mlp(d_in: int = 8, width: int = 32, depth: int = 3, d_out: int = 1, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+def mlp(
+    d_in: int = 8, width: int = 32, depth: int = 3, d_out: int = 1, act: type[nn.Module] = nn.ReLU
+) -> nn.Sequential:
     layers: list[nn.Module] = []
     d = d_in
     for _ in range(depth):
@@ -90,8 +92,9 @@ def trainer(callbacks: list[Any], max_steps: int = 20, **kwargs: Any) -> L.Train
     return L.Trainer(callbacks=callbacks, **defaults)
 
 
-def fit(model: L.LightningModule, data: DataLoader, callbacks: list[Any], max_steps: int = 20, seed: int = 0,
-        **kwargs: Any) -> L.Trainer:
+def fit(
+    model: L.LightningModule, data: DataLoader, callbacks: list[Any], max_steps: int = 20, seed: int = 0, **kwargs: Any
+) -> L.Trainer:
     L.seed_everything(seed, verbose=False)
     t = trainer(callbacks, max_steps=max_steps, **kwargs)
     t.fit(model, data)

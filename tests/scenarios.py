@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from helpers import LitModel, classification_data, loader, mlp, regression_data
+from helpers import LitModel, classification_data, loader, mlp, regression_data, trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -738,22 +738,12 @@ def run_scenario(sc: Scenario, seed: int = 0, **normcheck_kwargs: Any) -> Result
     L.seed_everything(seed, verbose=False)
     model, data, kwargs = sc.build()
     cb = NormCheck(print_summary=False, **normcheck_kwargs)
-    trainer_kwargs: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=sc.max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        log_every_n_steps=50,
-        num_sanity_val_steps=0,
-    )
+    trainer_kwargs: dict[str, Any] = dict(max_steps=sc.max_steps, log_every_n_steps=50)
     trainer_kwargs.update(kwargs)
     t0 = time.perf_counter()
     exc: BaseException | None = None
     try:
-        L.Trainer(callbacks=[cb], **trainer_kwargs).fit(model, data)
+        trainer([cb], **trainer_kwargs).fit(model, data)
     except Exception as err:  # noqa: BLE001 - planted scenarios may raise on purpose
         exc = err
     return Result(sc, cb.findings, time.perf_counter() - t0, exc)

@@ -43,7 +43,9 @@ CASES: list[tuple[Any, str, Any, type[Exception], str]] = [
 ]
 
 
-@pytest.mark.parametrize("cls, arg, value, error, allowed", CASES, ids=[f"{c[0].__name__}-{c[1]}-{c[2]!r}" for c in CASES])
+@pytest.mark.parametrize(
+    "cls, arg, value, error, allowed", CASES, ids=[f"{c[0].__name__}-{c[1]}-{c[2]!r}" for c in CASES]
+)
 def test_bad_argument_is_named(cls: Any, arg: str, value: Any, error: type[Exception], allowed: str) -> None:
     with pytest.raises(error) as exc:
         cls(**{arg: value})
@@ -56,8 +58,14 @@ def test_bad_argument_is_named(cls: Any, arg: str, value: Any, error: type[Excep
 
 def test_good_arguments_are_accepted() -> None:
     cb = NormCheck(
-        log_every_n_steps=3, activations=False, norm_type=float("inf"), include_types=["Linear"],
-        clip_threshold=1.0, clip_algorithm="value", clip_window=10, high_clip_rate=0.9,
+        log_every_n_steps=3,
+        activations=False,
+        norm_type=float("inf"),
+        include_types=["Linear"],
+        clip_threshold=1.0,
+        clip_algorithm="value",
+        clip_window=10,
+        high_clip_rate=0.9,
     )
     assert cb.log_every_n_steps == 3
     assert [m.name for m in cb._monitors if m.name == "activation_norm"] == []

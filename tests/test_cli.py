@@ -46,8 +46,17 @@ def test_demo_yaml_writes_tensorboard_events(tmp_path: Path, monkeypatch: pytest
 )
 def test_each_callback_yaml_is_loaded(config: str, cls: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    cli = run(["fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / config), *FAST,
-               "--trainer.logger=false"])
+    cli = run(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "demo.yaml"),
+            "--config",
+            str(CONFIGS / config),
+            *FAST,
+            "--trainer.logger=false",
+        ]
+    )
     names = [type(cb).__name__ for cb in cli.trainer.callbacks]
     assert cls in names
     spec = yaml.safe_load((CONFIGS / config).read_text())["trainer"]["callbacks"][0]

@@ -74,7 +74,9 @@ class Recorder(L.Callback):
         step = trainer.global_step
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         self.total[step] = get_total_norm(grads).item()
-        self.layer_grad[step] = {k: torch.linalg.vector_norm(v).item() for k, v in self._by_module(pl_module, "grad").items()}
+        self.layer_grad[step] = {
+            k: torch.linalg.vector_norm(v).item() for k, v in self._by_module(pl_module, "grad").items()
+        }
         self._before = {k: v.clone() for k, v in self._by_module(pl_module, "weight").items()}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -86,7 +88,8 @@ class Recorder(L.Callback):
             for k, v in now.items()
         }
         self.update[step] = {
-            k: (torch.linalg.vector_norm(v - self._before[k]) / torch.linalg.vector_norm(v)).item() for k, v in now.items()
+            k: (torch.linalg.vector_norm(v - self._before[k]) / torch.linalg.vector_norm(v)).item()
+            for k, v in now.items()
         }
 
 
@@ -119,8 +122,13 @@ def logged_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recorder, dict
     tb = TensorBoardLogger(tmp_path, name="tb")
     cs = CSVLogger(tmp_path, name="csv")
     trainer = fit(
-        _model(), loader(regression_data(), 16), [rec, NormCheck()], max_steps=24,
-        logger=[tb, cs], log_every_n_steps=7, gradient_clip_val=0.5,
+        _model(),
+        loader(regression_data(), 16),
+        [rec, NormCheck()],
+        max_steps=24,
+        logger=[tb, cs],
+        log_every_n_steps=7,
+        gradient_clip_val=0.5,
     )
     return rec, {"tb": read_tb(tb.log_dir), "csv": read_csv(cs.log_dir)}, trainer
 
@@ -145,7 +153,9 @@ def test_per_layer_values_match_independent_computation(logged_run: Any) -> None
         data = logs[kind]
         for layer in ("net.0", "net.2", "net.4"):
             for step in steps:
-                assert data[f"normcheck/grad_norm/{layer}"][step] == pytest.approx(rec.layer_grad[step][layer], rel=1e-5)
+                assert data[f"normcheck/grad_norm/{layer}"][step] == pytest.approx(
+                    rec.layer_grad[step][layer], rel=1e-5
+                )
                 assert data[f"normcheck/weight_norm/{layer}"][step] == pytest.approx(rec.weight[step][layer], rel=1e-5)
                 assert data[f"normcheck/weight_drift/{layer}"][step] == pytest.approx(
                     rec.drift[step][layer], rel=1e-4, abs=1e-7
@@ -197,7 +207,12 @@ def test_dead_and_saturated_fractions_by_hand(tmp_path: Path) -> None:
 
 
 def test_works_without_logger_and_each_callback_alone(tmp_path: Path) -> None:
-    for cb in (GradientNormMonitor(), ActivationNormMonitor(), WeightDriftMonitor(), ClipRateTracker(clip_threshold=1.0)):
+    for cb in (
+        GradientNormMonitor(),
+        ActivationNormMonitor(),
+        WeightDriftMonitor(),
+        ClipRateTracker(clip_threshold=1.0),
+    ):
         trainer = fit(_model(), loader(regression_data(), 16), [cb], max_steps=5, logger=False)
         assert trainer.global_step == 5 and cb.disabled_monitors == []
 
@@ -205,8 +220,14 @@ def test_works_without_logger_and_each_callback_alone(tmp_path: Path) -> None:
 def test_per_parameter_and_norm_type(tmp_path: Path) -> None:
     rec = Recorder()
     cs = CSVLogger(tmp_path, name="csv")
-    fit(_model(), loader(regression_data(), 16), [rec, GradientNormMonitor(per_parameter=True, norm_type=math.inf)],
-        max_steps=3, logger=cs, log_every_n_steps=1)
+    fit(
+        _model(),
+        loader(regression_data(), 16),
+        [rec, GradientNormMonitor(per_parameter=True, norm_type=math.inf)],
+        max_steps=3,
+        logger=cs,
+        log_every_n_steps=1,
+    )
     data = read_csv(cs.log_dir)
     assert "normcheck/grad_norm_param/net.0.weight" in data
     for step, value in data["normcheck/grad_norm/total"].items():
@@ -254,8 +275,9 @@ def test_total_norm_manual_optimization_two_optimizers(tmp_path: Path) -> None:
     rec = OptRecorder()
     cs = CSVLogger(tmp_path, name="csv")
     torch.manual_seed(0)
-    trainer = fit(TwoOptimizers(), loader(regression_data(), 16), [rec, NormCheck()], max_steps=10, logger=cs,
-                  log_every_n_steps=4)
+    trainer = fit(
+        TwoOptimizers(), loader(regression_data(), 16), [rec, NormCheck()], max_steps=10, logger=cs, log_every_n_steps=4
+    )
     logged = read_csv(cs.log_dir)["normcheck/grad_norm/total"]
     assert sorted(logged) == sorted(rec.total) == list(range(trainer.global_step))
     for step, value in logged.items():
@@ -269,8 +291,15 @@ def test_total_norm_with_accumulation_and_frozen_layer(tmp_path: Path) -> None:
     cs = CSVLogger(tmp_path, name="csv")
     model = _model()
     model.net[0].requires_grad_(False)  # frozen: grad stays None and is skipped
-    fit(model, loader(regression_data(), 8), [rec, NormCheck()], max_steps=6, logger=cs, log_every_n_steps=2,
-        accumulate_grad_batches=3)
+    fit(
+        model,
+        loader(regression_data(), 8),
+        [rec, NormCheck()],
+        max_steps=6,
+        logger=cs,
+        log_every_n_steps=2,
+        accumulate_grad_batches=3,
+    )
     data = read_csv(cs.log_dir)
     logged = data["normcheck/grad_norm/total"]
     assert sorted(logged) == list(range(6))
@@ -282,8 +311,14 @@ def test_total_norm_with_accumulation_and_frozen_layer(tmp_path: Path) -> None:
 def test_bf16_mixed_total_norm(tmp_path: Path) -> None:
     rec = OptRecorder()
     cs = CSVLogger(tmp_path, name="csv")
-    fit(_model(), loader(regression_data(), 16), [rec, GradientNormMonitor()], max_steps=5, logger=cs,
-        precision="bf16-mixed")
+    fit(
+        _model(),
+        loader(regression_data(), 16),
+        [rec, GradientNormMonitor()],
+        max_steps=5,
+        logger=cs,
+        precision="bf16-mixed",
+    )
     logged = read_csv(cs.log_dir)["normcheck/grad_norm/total"]
     assert len(logged) == 5
     for step, value in logged.items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -31,18 +31,15 @@ from lightning_normcheck import (
     WeightDriftMonitor,
 )
 
-CALLBACKS = [NormCheck, GradientNormMonitor, ActivationNormMonitor, WeightDriftMonitor, ClipRateTracker,
-             TrainingBugDetector]
+CALLBACKS = [
+    NormCheck,
+    GradientNormMonitor,
+    ActivationNormMonitor,
+    WeightDriftMonitor,
+    ClipRateTracker,
+    TrainingBugDetector,
+]
 FAST = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny models on a shared 2-core machine: torch's intra-op threads only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -84,11 +81,46 @@ WRONG_TYPE: dict[str, Callable[[Any], bool]] = {
     "float": lambda v: isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v),
 }
 
-POOL = [None, True, False, 0, 1, 2, 7, -1, 0.0, 0.5, 0.99, 1.0, 1.5, 10.0, -0.1, float("nan"), float("inf"),
-        float("-inf"), "norm", "value", "x", "", [], ["Linear"], ("ReLU", "Tanh"), [1], ["a", 2], {}, {"a": 1},
-        b"x", object()]
-VALUES = st.one_of(st.sampled_from(POOL), st.integers(-3, 60), st.floats(-2.0, 2.0), st.text(max_size=3),
-                   st.lists(st.sampled_from(["Linear", "ReLU", "net.*", 3]), max_size=3))
+POOL = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    2,
+    7,
+    -1,
+    0.0,
+    0.5,
+    0.99,
+    1.0,
+    1.5,
+    10.0,
+    -0.1,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    "norm",
+    "value",
+    "x",
+    "",
+    [],
+    ["Linear"],
+    ("ReLU", "Tanh"),
+    [1],
+    ["a", 2],
+    {},
+    {"a": 1},
+    b"x",
+    object(),
+]
+VALUES = st.one_of(
+    st.sampled_from(POOL),
+    st.integers(-3, 60),
+    st.floats(-2.0, 2.0),
+    st.text(max_size=3),
+    st.lists(st.sampled_from(["Linear", "ReLU", "net.*", 3]), max_size=3),
+)
 
 
 def _params(cls: type) -> dict[str, inspect.Parameter]:
@@ -166,8 +198,21 @@ def test_valid_arguments_construct_and_give_a_stable_state_key(kwargs: dict[str,
 # ----------------------------------------------------------------------------------------------------
 # odd models
 
-FEATURES = ("frozen", "unused", "sparse", "complex", "int_buffer", "tied", "reuse", "lstm", "packed", "dict_out",
-            "empty", "double", "scalar_param")
+FEATURES = (
+    "frozen",
+    "unused",
+    "sparse",
+    "complex",
+    "int_buffer",
+    "tied",
+    "reuse",
+    "lstm",
+    "packed",
+    "dict_out",
+    "empty",
+    "double",
+    "scalar_param",
+)
 
 
 class DictOut(nn.Module):
@@ -240,8 +285,9 @@ class OddModel(L.LightningModule):
             h = out[:, -1]
         if "packed" in f:
             lengths = torch.arange(h.shape[0]) % 3 + 1
-            packed = pack_padded_sequence(h.unsqueeze(1).expand(-1, 3, -1), lengths, batch_first=True,
-                                          enforce_sorted=False)
+            packed = pack_padded_sequence(
+                h.unsqueeze(1).expand(-1, 3, -1), lengths, batch_first=True, enforce_sorted=False
+            )
             _, hn = self.gru(packed)
             h = hn[-1]
         if "dict_out" in f:
@@ -259,8 +305,11 @@ class OddModel(L.LightningModule):
         return nn.functional.mse_loss(self(x), y)
 
     def configure_optimizers(self) -> Any:
-        self.opt = (torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9) if self.optimizer_name == "sgd"
-                    else torch.optim.Adam(self.parameters(), lr=1e-3))
+        self.opt = (
+            torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+            if self.optimizer_name == "sgd"
+            else torch.optim.Adam(self.parameters(), lr=1e-3)
+        )
         return self.opt
 
 
@@ -292,15 +341,24 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _train(make: Callable[[], L.LightningModule], cb: NormCheck | None, steps: int, every: int,
-           accumulate: int) -> tuple[L.LightningModule, list[str]]:
+def _train(
+    make: Callable[[], L.LightningModule], cb: NormCheck | None, steps: int, every: int, accumulate: int
+) -> tuple[L.LightningModule, list[str]]:
     L.seed_everything(0, verbose=False)
     model = make()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        fit(model, loader(regression_data(96), batch_size=8, shuffle=True), [cb] if cb else [], max_steps=steps,
-            log_every_n_steps=every, accumulate_grad_batches=accumulate)
-    return model, [str(w.message) for w in rec if "lightning_normcheck" in str(w.message) and "failed" in str(w.message)]
+        fit(
+            model,
+            loader(regression_data(96), batch_size=8, shuffle=True),
+            [cb] if cb else [],
+            max_steps=steps,
+            log_every_n_steps=every,
+            accumulate_grad_batches=accumulate,
+        )
+    return model, [
+        str(w.message) for w in rec if "lightning_normcheck" in str(w.message) and "failed" in str(w.message)
+    ]
 
 
 def _check_unchanged(make: Callable[[], L.LightningModule], steps: int, every: int, accumulate: int) -> NormCheck:
@@ -378,8 +436,15 @@ def test_model_without_parameters(steps: int, every: int, dummy_optimizer: bool)
     cb = NormCheck(print_summary=False)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        fit(model, loader(regression_data(64), batch_size=8), [cb], max_steps=-1, max_epochs=1,
-            limit_train_batches=steps, log_every_n_steps=every)
+        fit(
+            model,
+            loader(regression_data(64), batch_size=8),
+            [cb],
+            max_steps=-1,
+            max_epochs=1,
+            limit_train_batches=steps,
+            log_every_n_steps=every,
+        )
     assert model.seen == 8 * steps
     assert cb.disabled_monitors == [], [str(w.message) for w in rec]
     assert not [str(w.message) for w in rec if "monitor failed" in str(w.message)]

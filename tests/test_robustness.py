@@ -26,16 +26,6 @@ import lightning_normcheck.norms as N
 from lightning_normcheck import NormCheck
 from lightning_normcheck.callbacks import activation_norm_monitor
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny models on a shared 2-core machine: torch's intra-op threads only contend (measured 60x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------------------------------
 # helpers
 
@@ -83,9 +73,9 @@ def failed_warnings(record: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in record if "switched off for the rest of this fit" in str(w.message)]
 
 
-def run_pair(make_model: Any, data: Any, max_steps: int = 12, cb: NormCheck | None = None, **kw: Any) -> tuple[
-    dict[str, torch.Tensor], dict[str, torch.Tensor], NormCheck, list[str], L.LightningModule
-]:
+def run_pair(
+    make_model: Any, data: Any, max_steps: int = 12, cb: NormCheck | None = None, **kw: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], NormCheck, list[str], L.LightningModule]:
     """Train the same model (same seed) without and with NormCheck; returns both states and the callback."""
     L.seed_everything(0, verbose=False)
     plain = make_model()
@@ -105,8 +95,14 @@ class DropBN(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 32), nn.Tanh(),
-            nn.Dropout(0.2), nn.Linear(32, 4),
+            nn.Linear(8, 32),
+            nn.BatchNorm1d(32),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Linear(32, 32),
+            nn.Tanh(),
+            nn.Dropout(0.2),
+            nn.Linear(32, 4),
         )
         self.opt: torch.optim.Optimizer | None = None
 
@@ -278,8 +274,14 @@ def test_odd_module_outputs_do_not_disable_anything() -> None:
         def forward(self, x: torch.Tensor) -> Any:
             y = self.lin(x)
             return {
-                "none": None, "int": 3, "str": "x", "obj": object(), "long": y.long(), "bool": y > 0,
-                "empty": y[:0], "nested": [(None, {"a": y})],
+                "none": None,
+                "int": 3,
+                "str": "x",
+                "obj": object(),
+                "long": y.long(),
+                "bool": y > 0,
+                "empty": y[:0],
+                "nested": [(None, {"a": y})],
             }[self.kind]
 
     class Model(L.LightningModule):
@@ -534,8 +536,9 @@ def test_resume_keeps_findings_histories_and_drift_reference(tmp_path: Path) -> 
     model2 = NanGradModel()
     with _finding_log() as rec2:
         L.seed_everything(0, verbose=False)
-        t = trainer([cb2, ModelCheckpoint(dirpath=tmp_path / "2")], max_steps=20, logger=logger,
-                    enable_checkpointing=True)
+        t = trainer(
+            [cb2, ModelCheckpoint(dirpath=tmp_path / "2")], max_steps=20, logger=logger, enable_checkpointing=True
+        )
         t.fit(model2, data, ckpt_path=str(tmp_path / "last.ckpt"))
     # old findings kept (same first step), not announced again
     second = {(f.code, f.layer): f.step for f in cb2.findings}
@@ -589,8 +592,13 @@ def test_lightning_restores_callback_state_after_setup_and_before_train_start(tm
         def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             order.append("on_train_start")
 
-    fit(DropBN(), cls_loader(), [Order(), ModelCheckpoint(tmp_path, save_last=True)], max_steps=2,
-        enable_checkpointing=True)
+    fit(
+        DropBN(),
+        cls_loader(),
+        [Order(), ModelCheckpoint(tmp_path, save_last=True)],
+        max_steps=2,
+        enable_checkpointing=True,
+    )
     order.clear()
     t = trainer([Order(), ModelCheckpoint(tmp_path / "2")], max_steps=3, enable_checkpointing=True)
     t.fit(DropBN(), cls_loader(), ckpt_path=str(tmp_path / "last.ckpt"))
@@ -609,12 +617,18 @@ def test_resume_keeps_the_clipping_window(tmp_path: Path) -> None:
     clip = 1.0
     kw: dict[str, Any] = dict(gradient_clip_val=clip, enable_checkpointing=True)
     L.seed_everything(0, verbose=False)
-    fit(DropBN(), cls_loader(), [NormCheck(print_summary=False), PreClip(), ModelCheckpoint(tmp_path, save_last=True)],
-        max_steps=6, **kw)
+    fit(
+        DropBN(),
+        cls_loader(),
+        [NormCheck(print_summary=False), PreClip(), ModelCheckpoint(tmp_path, save_last=True)],
+        max_steps=6,
+        **kw,
+    )
     logger = MemLogger()
     L.seed_everything(1, verbose=False)
-    t = trainer([NormCheck(print_summary=False), PreClip(), ModelCheckpoint(tmp_path / "2")], max_steps=12,
-                logger=logger, **kw)
+    t = trainer(
+        [NormCheck(print_summary=False), PreClip(), ModelCheckpoint(tmp_path / "2")], max_steps=12, logger=logger, **kw
+    )
     t.fit(DropBN(), cls_loader(), ckpt_path=str(tmp_path / "last.ckpt"))
     assert sorted(norms) == list(range(12))
     ratios = [norms[s] / clip for s in range(12)]

@@ -34,14 +34,27 @@ def main(out_dir: str) -> None:
         net[0].weight.mul_(2.0)
     rec, cb = Rec(), NormCheck()
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=8, log_every_n_steps=2,
-        logger=CSVLogger(out_dir, name="csv", version=0), enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, callbacks=[rec, cb],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=8,
+        log_every_n_steps=2,
+        logger=CSVLogger(out_dir, name="csv", version=0),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[rec, cb],
     )
     trainer.fit(LitModel(net, lr=0.01), loader(regression_data(n=256), 16))
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
-        json.dump({"total": rec.total, "findings": [x.code for x in cb.findings if x.severity != "info"],
-                   "reported": cb._findings.enabled}, f)
+        json.dump(
+            {
+                "total": rec.total,
+                "findings": [x.code for x in cb.findings if x.severity != "info"],
+                "reported": cb._findings.enabled,
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":
