@@ -25,8 +25,8 @@ class NormCheck(_NormCheckBase):
     gradient-norm spikes against a running median. They share one gradient-norm pass per optimizer
     step, one sampling schedule, one host transfer and one logger
     call per logging step. Its findings are in :attr:`findings` (one per code and layer), printed as a
-    table at the end of fit, sent to Python logging, raised as warnings, and written as text to
-    TensorBoard. Works with automatic and manual optimization and with any Lightning logger (or none).
+    table at the end of fit, sent to Python logging (logger ``lightning_normcheck``; not raised as
+    ``warnings``), and written as text to TensorBoard. Works with automatic and manual optimization and with any Lightning logger (or none).
 
     Args:
         log_every_n_steps: cadence of per-layer measurements, in optimizer steps (default: the
