@@ -27,7 +27,9 @@ def _report(cli: LightningCLI) -> None:
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(cb, _NormCheckBase):
             bad = [f for f in cb.findings if f.severity != "info"]
-            print(f"normcheck-demo: {type(cb).__name__} reported {len(cb.findings)} finding(s), {len(bad)} warning/error")
+            print(
+                f"normcheck-demo: {type(cb).__name__} reported {len(cb.findings)} finding(s), {len(bad)} warning/error"
+            )
             for f in cb.findings:
                 print(f"  {f}")
 

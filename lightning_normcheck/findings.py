@@ -154,7 +154,10 @@ class FindingLog:
         rows = sorted(self._by_key.values(), key=lambda f: (-SEVERITIES.index(f.severity), f.step))
         if not rows:
             return "normcheck: no findings."
-        lines = [f"normcheck: {len(rows)} finding(s)", f"{'severity':<8} {'step':>6}  {'code':<26} {'layer':<24} message"]
+        lines = [
+            f"normcheck: {len(rows)} finding(s)",
+            f"{'severity':<8} {'step':>6}  {'code':<26} {'layer':<24} message",
+        ]
         for f in rows:
             msg = f.message if len(f.message) <= 160 else f.message[:157] + "..."
             lines.append(f"{f.severity:<8} {f.step:>6}  {f.code:<26} {str(f.layer or '-'):<24} {msg}")

@@ -39,6 +39,7 @@ def rank_zero_warn(message: str, category: type[Warning] = UserWarning) -> None:
     except Exception:  # noqa: BLE001
         log.warning("%s", message)
 
+
 #: Steps below this are sampled densely so that a problem present from the start is reported
 #: within the first 20 optimizer steps, whatever ``log_every_n_steps`` is.
 EARLY_STEPS = 20
@@ -109,8 +110,10 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
-        return {(k if isinstance(k, (str, int, float, bool, tuple)) or k is None else str(k)): _plain(v)
-                for k, v in obj.items()}
+        return {
+            (k if isinstance(k, (str, int, float, bool, tuple)) or k is None else str(k)): _plain(v)
+            for k, v in obj.items()
+        }
     if isinstance(obj, tuple):
         return tuple(_plain(v) for v in obj)
     if isinstance(obj, (list, set, frozenset)) or hasattr(obj, "maxlen"):  # deque
@@ -360,9 +363,7 @@ class _NormCheckBase(Callback):
         try:
             sig = inspect.signature(cls.__init__)
             bound = sig.bind_partial(None, *args, **kwargs).arguments
-            self._init_args = {
-                k: v for i, (k, v) in enumerate(bound.items()) if i > 0 and not _is_default(sig, k, v)
-            }
+            self._init_args = {k: v for i, (k, v) in enumerate(bound.items()) if i > 0 and not _is_default(sig, k, v)}
         except TypeError:  # wrong arguments: __init__ raises the proper error
             self._init_args = {}
         return self
@@ -536,7 +537,9 @@ class _NormCheckBase(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._call("on_train_start")
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._call("on_train_batch_start", batch, batch_idx)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:

@@ -15,9 +15,7 @@ from lightning_normcheck.callbacks._base import _check_choice, _check_float, _ch
 class _ClipRate(_Monitor):
     name = "clip_rate"
 
-    def __init__(
-        self, clip_threshold: float | None, clip_algorithm: str | None, window: int, high_rate: float
-    ) -> None:
+    def __init__(self, clip_threshold: float | None, clip_algorithm: str | None, window: int, high_rate: float) -> None:
         self.clip_threshold = clip_threshold
         self.clip_algorithm = clip_algorithm
         self.window = window

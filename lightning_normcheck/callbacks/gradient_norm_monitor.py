@@ -62,9 +62,7 @@ class _GradientNorms(_Monitor):
             self._bad_loss_value = torch.zeros((), device=device)
         losses = [(s, x.to(device)) for s, x in losses]
         bad = torch.stack([~torch.isfinite(x).all() for _, x in losses])
-        values = torch.stack(
-            [x.reshape(-1)[0].float() if x.numel() else x.new_zeros(()).float() for _, x in losses]
-        )
+        values = torch.stack([x.reshape(-1)[0].float() if x.numel() else x.new_zeros(()).float() for _, x in losses])
         steps = torch.tensor([float(s) for s, _ in losses], device=device)
         i = bad.float().argmax().reshape(1)  # the first non-finite one (argmax returns the first maximum)
         first = bad.any() & (self._bad_loss_step < 0)

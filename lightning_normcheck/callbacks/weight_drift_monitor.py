@@ -27,6 +27,9 @@ class _WeightDrift(_Monitor):
         self.layer_index: Tensor | None = None
         self.reference: list[Tensor] | None = None
         self._snapshot: dict[int, list[Tensor]] = {}  # id(optimizer) -> params before a sampled step
+        # id(optimizer) -> a snapshot buffer kept for the next sampled step (CPU only: there an allocation costs
+        # more than the copy; CUDA's caching allocator makes a new one cheap, and keeping it would hold memory)
+        self._buffers: dict[int, list[Tensor]] = {}
         self._updates: dict[int, Tensor] = {}  # id(optimizer) -> per-tensor update norms of that step
         self._handles: list[Any] = []
         self.history = D.WeightHistory()
@@ -40,6 +43,7 @@ class _WeightDrift(_Monitor):
         # fast norms of self.params and of any list shaped like it (reference, differences); flush-time only
         self._plan: N.NormPlan | None = N.norm_plan(self.params)
         self._ref_norms: tuple[list[Tensor], Tensor] | None = None  # (reference, its per-tensor norms)
+        self._positions: dict[int, Tensor | bool] = {}  # id(optimizer) -> its parameters' indices in self.params
 
     def on_train_start(self, run: _Run) -> None:
         ref = self._restored_reference
@@ -56,7 +60,8 @@ class _WeightDrift(_Monitor):
     def on_before_optimizer_step(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
         if run.is_due(run.step):  # a snapshot only before sampled steps: copying every step is costly
             params, _, _ = run.optimizer_params(optimizer)
-            self._snapshot[id(optimizer)] = N.clone_tensors(params)
+            key = id(optimizer)
+            self._snapshot[key] = N.copy_tensors(params, into=self._buffers.pop(key, None))
 
     def _make_post_hook(self, run: _Run, optimizer: torch.optim.Optimizer) -> Any:
         def post_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -64,7 +69,10 @@ class _WeightDrift(_Monitor):
             if before is None:
                 return
             params, _, _ = run.optimizer_params(opt)
-            self._updates[id(opt)] = N.sub_norms(params, before)
+            # the snapshot is ours and done with: the differences go into it
+            self._updates[id(opt)] = N.sub_norms(before, params, inplace=True)
+            if before and all(t.device.type == "cpu" for t in before):
+                self._buffers[id(opt)] = before
 
         return post_hook
 
@@ -73,6 +81,7 @@ class _WeightDrift(_Monitor):
             h.remove()
         self._handles = []
         self._snapshot = {}
+        self._buffers = {}
 
     def collect(self, run: _Run) -> None:
         if not self.params or self.layer_index is None:
@@ -87,7 +96,10 @@ class _WeightDrift(_Monitor):
         run.add_metrics("normcheck/weight_norm/", per_layer[present], labels)
         if self.reference is not None:
             with torch.no_grad():
-                diffs = torch._foreach_sub([p.detach() for p in self.params], self.reference)
+                # a kept snapshot buffer (CPU) is free until the next sampled step: the differences go there
+                scratch = next(iter(self._buffers.values()), None)
+                diffs = N.copy_tensors(self.params, into=scratch)
+                torch._foreach_sub_(diffs, self.reference)
                 drift = N.group_norms(N.plan_norms(plan, diffs), self.layer_index, n_layers)
                 cached = getattr(self, "_ref_norms", None)
                 if cached is None or cached[0] is not self.reference:  # the reference is fixed: measure it once
@@ -101,8 +113,20 @@ class _WeightDrift(_Monitor):
                 continue
             params, layers, index = run.optimizer_params(opt)
             u = N.group_norms(upd, index, n_layers)
-            with torch.no_grad():
-                w = N.group_norms(N.plan_norms(run._opt_plan.get(id(opt)), params), index, n_layers)
+            pos = self._positions.get(opt_id)
+            if pos is None:  # where this optimizer's parameters sit in self.params (once per fit)
+                where = {id(p): i for i, p in enumerate(self.params)}
+                found = [where.get(id(p)) for p in params]
+                pos = self._positions[opt_id] = (
+                    torch.tensor(found, dtype=torch.long, device=w_norms.device) if None not in found else False
+                )
+            with torch.no_grad():  # the weights after the step: the norms measured above, when they cover them
+                w_tensor = (
+                    w_norms.index_select(0, pos)
+                    if pos is not False
+                    else N.plan_norms(run._opt_plan.get(id(opt)), params)
+                )
+                w = N.group_norms(w_tensor, index, n_layers)
             opt_present = sorted(set(layers))
             run.add_metrics(
                 "normcheck/update_ratio/",
