@@ -323,3 +323,98 @@ def test_bf16_mixed_total_norm(tmp_path: Path) -> None:
     assert len(logged) == 5
     for step, value in logged.items():
         assert value == pytest.approx(rec.total[step], rel=1e-5)
+
+
+class _TwoOptimizers(L.LightningModule):
+    """Manual optimization with two optimizers (GAN-shaped); records, independently of the package, each
+    layer's update-to-weight ratio (torch optimizer step hooks) and drift from the start of fit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.g = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.d = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.update: dict[int, dict[str, float]] = {}
+        self.drift: dict[int, dict[str, float]] = {}
+
+    def _layers(self) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {}
+        for name, p in self.named_parameters():
+            out.setdefault(name.rsplit(".", 1)[0], []).append(p)
+        return out
+
+    def on_train_start(self) -> None:
+        self.start = {k: [p.detach().clone() for p in ps] for k, ps in self._layers().items()}
+        for opt in self.trainer.optimizers:
+            opt.register_step_pre_hook(self._before)
+            opt.register_step_post_hook(self._after)
+
+    def _before(self, opt: torch.optim.Optimizer, *args: Any) -> None:
+        self._snap = {k: [p.detach().clone() for p in ps] for k, ps in self._layers().items()}
+
+    def _after(self, opt: torch.optim.Optimizer, *args: Any) -> None:
+        mine = {id(p) for group in opt.param_groups for p in group["params"]}
+        row = self.update.setdefault(self.trainer.global_step, {})
+        for k, ps in self._layers().items():
+            if all(id(p) in mine for p in ps):
+                delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(ps, self._snap[k])])
+                row[k] = (
+                    torch.linalg.vector_norm(delta) / torch.linalg.vector_norm(torch.cat([p.flatten() for p in ps]))
+                ).item()
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, _ = batch
+        opt_g, opt_d = self.optimizers()  # type: ignore[misc]
+        loss_d = (self.d(x) - 1).pow(2).mean() + self.d(self.g(x).detach()).pow(2).mean()
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+        loss_g = (self.d(self.g(x)) - 1).pow(2).mean()
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        # after the callbacks' hook (the flush, logged at the last step of this batch): the weights it saw
+        step = self.trainer.global_step - 1
+        self.drift[step] = {}
+        for k, ps in self._layers().items():
+            diff = torch.cat([(p.detach() - s).flatten() for p, s in zip(ps, self.start[k])])
+            self.drift[step][k] = (
+                torch.linalg.vector_norm(diff)
+                / torch.linalg.vector_norm(torch.cat([s.flatten() for s in self.start[k]]))
+            ).item()
+
+    def configure_optimizers(self) -> Any:
+        return [
+            torch.optim.Adam(self.g.parameters(), lr=1e-2),
+            torch.optim.SGD(self.d.parameters(), lr=0.1, momentum=0.9),
+        ]
+
+
+def test_update_ratio_and_drift_with_two_optimizers_match_independent_computation() -> None:
+    """Each optimizer's layers get the update of that optimizer's own step; snapshot buffers are reused across
+    sampled steps (every step is sampled here) and the drift scratch is shared with them."""
+    from helpers import MemLogger
+
+    logger = MemLogger()
+    model = _TwoOptimizers()
+    fit(
+        model,
+        loader(regression_data(), 8),
+        [NormCheck(print_summary=False)],
+        max_steps=16,
+        logger=logger,
+        log_every_n_steps=1,
+    )
+    rows = {s: r for s, r in logger.rows if any(k.startswith("normcheck/update_ratio/") for k in r)}
+    assert sorted(rows) == list(range(1, 16, 2))  # one flush per batch, at its second optimizer step
+    for step, row in rows.items():
+        # d stepped at step - 1, g at step
+        expected = {**model.update[step - 1], **model.update[step]}
+        assert set(expected) == {"g.0", "g.2", "d.0", "d.2"}
+        for layer, value in expected.items():
+            assert row[f"normcheck/update_ratio/{layer}"] == pytest.approx(value, rel=1e-4, abs=1e-9), (step, layer)
+            assert row[f"normcheck/weight_drift/{layer}"] == pytest.approx(
+                model.drift[step][layer], rel=1e-4, abs=1e-7
+            ), (step, layer)
