@@ -110,6 +110,25 @@ def test_clone_tensors_are_detached_copies() -> None:
     assert not torch.equal(c, p.detach())
 
 
+def test_copy_tensors_reuses_a_matching_buffer_and_sub_norms_in_place() -> None:
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    first = N.copy_tensors(params)  # no buffer: new copies
+    assert all(torch.equal(c, p.detach()) and not c.requires_grad for c, p in zip(first, params))
+    with torch.no_grad():
+        for p in params:
+            p.mul_(2.0)
+    again = N.copy_tensors(params, into=first)
+    assert again is first and all(torch.equal(c, p.detach()) for c, p in zip(again, params))
+    other = N.copy_tensors(params, into=[torch.zeros(4, 3), torch.zeros(6)])  # a shape differs: not reused
+    assert other[1].shape == (5,) and torch.equal(other[1], params[1].detach())
+    before = [p.detach() / 2.0 for p in params]
+    expected = [torch.linalg.vector_norm(b - p.detach()).item() for b, p in zip(before, params)]
+    scratch = [b.clone() for b in before]
+    assert N.sub_norms(scratch, params, inplace=True).tolist() == pytest.approx(expected, rel=1e-6)
+    assert torch.equal(scratch[0], before[0] - params[0].detach())  # the differences went into the scratch
+    assert N.sub_norms(before, params).tolist() == pytest.approx(expected, rel=1e-6)
+
+
 def test_norms_module_imports_no_lightning() -> None:
     import ast
     import inspect
