@@ -133,3 +133,32 @@ class MemLogger(Logger):
 
     def keys(self) -> set[str]:
         return {k for _, row in self.rows for k in row}
+
+
+class ManualTwoOpt(L.LightningModule):
+    """Manual optimization, two optimizers, two schedulers (a GAN-shaped loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.g = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.d = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, _ = batch
+        opt_g, opt_d = self.optimizers()  # type: ignore[misc]
+        loss_d = (self.d(x) - 1).pow(2).mean() + self.d(self.g(x).detach()).pow(2).mean()
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+        loss_g = (self.d(self.g(x)) - 1).pow(2).mean()
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+        for s in self.lr_schedulers():  # type: ignore[union-attr]
+            s.step()
+
+    def configure_optimizers(self) -> Any:
+        og = torch.optim.Adam(self.g.parameters(), lr=1e-3)
+        od = torch.optim.SGD(self.d.parameters(), lr=1e-2, momentum=0.9)
+        return [og, od], [torch.optim.lr_scheduler.StepLR(og, 3), torch.optim.lr_scheduler.StepLR(od, 3)]

@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import LitModel, fit, loader, regression_data
+from helpers import LitModel, ManualTwoOpt, fit, loader, regression_data
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -325,15 +325,12 @@ def test_bf16_mixed_total_norm(tmp_path: Path) -> None:
         assert value == pytest.approx(rec.total[step], rel=1e-5)
 
 
-class _TwoOptimizers(L.LightningModule):
-    """Manual optimization with two optimizers (GAN-shaped); records, independently of the package, each
-    layer's update-to-weight ratio (torch optimizer step hooks) and drift from the start of fit."""
+class _TwoOptimizers(ManualTwoOpt):
+    """``ManualTwoOpt`` (manual optimization, two optimizers, schedulers) recording, independently of the
+    package, each layer's update-to-weight ratio (torch optimizer step hooks) and drift from the start of fit."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.automatic_optimization = False
-        self.g = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
-        self.d = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
         self.update: dict[int, dict[str, float]] = {}
         self.drift: dict[int, dict[str, float]] = {}
 
@@ -362,18 +359,6 @@ class _TwoOptimizers(L.LightningModule):
                     torch.linalg.vector_norm(delta) / torch.linalg.vector_norm(torch.cat([p.flatten() for p in ps]))
                 ).item()
 
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        x, _ = batch
-        opt_g, opt_d = self.optimizers()  # type: ignore[misc]
-        loss_d = (self.d(x) - 1).pow(2).mean() + self.d(self.g(x).detach()).pow(2).mean()
-        opt_d.zero_grad()
-        self.manual_backward(loss_d)
-        opt_d.step()
-        loss_g = (self.d(self.g(x)) - 1).pow(2).mean()
-        opt_g.zero_grad()
-        self.manual_backward(loss_g)
-        opt_g.step()
-
     def on_train_batch_end(self, *args: Any) -> None:
         # after the callbacks' hook (the flush, logged at the last step of this batch): the weights it saw
         step = self.trainer.global_step - 1
@@ -384,12 +369,6 @@ class _TwoOptimizers(L.LightningModule):
                 torch.linalg.vector_norm(diff)
                 / torch.linalg.vector_norm(torch.cat([s.flatten() for s in self.start[k]]))
             ).item()
-
-    def configure_optimizers(self) -> Any:
-        return [
-            torch.optim.Adam(self.g.parameters(), lr=1e-2),
-            torch.optim.SGD(self.d.parameters(), lr=0.1, momentum=0.9),
-        ]
 
 
 def test_update_ratio_and_drift_with_two_optimizers_match_independent_computation() -> None:
