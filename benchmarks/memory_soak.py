@@ -75,8 +75,15 @@ class Net(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.1),
-            nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4),
+            nn.Linear(32, 64),
+            nn.BatchNorm1d(64),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Linear(64, 64),
+            nn.Tanh(),
+            nn.Linear(64, 64),
+            nn.ReLU(),
+            nn.Linear(64, 4),
         )
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -116,7 +123,7 @@ def soak(
     L.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 32, generator=g)
-    y = (x[:, :4].argmax(1))
+    y = x[:, :4].argmax(1)
     data = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
     probe = Probe(every, traced)
     callbacks: list[Any] = [probe] + ([NormCheck(print_summary=False)] if with_callback else [])
@@ -127,9 +134,18 @@ def soak(
 
         log = CSVLogger(tmp)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=log, callbacks=callbacks,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        log_every_n_steps=log_every, num_sanity_val_steps=0, default_root_dir=tmp,
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        max_epochs=-1,
+        logger=log,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=log_every,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp,
     )
     t0 = time.perf_counter()
     trainer.fit(Net(), data)
@@ -150,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     traced = not args.no_tracemalloc
     if traced:
         tracemalloc.start()
-    print(f"memory_soak: torch {torch.__version__}, lightning {L.__version__}, python {sys.version.split()[0]}, "
-          f"{args.steps} steps, log_every_n_steps={args.log_every}, logger={args.logger}, tracemalloc={'on' if traced else 'off'}")
+    print(
+        f"memory_soak: torch {torch.__version__}, lightning {L.__version__}, python {sys.version.split()[0]}, "
+        f"{args.steps} steps, log_every_n_steps={args.log_every}, logger={args.logger}, tracemalloc={'on' if traced else 'off'}"
+    )
     print("with NormCheck():")
     probe, secs = soak(args.steps, args.every, True, args.logger, traced, args.log_every)
     rows = probe.rows
@@ -166,14 +184,18 @@ def main(argv: list[str] | None = None) -> int:
         base = base_probe.rows
     warm = min(len(rows) - 1, 1)  # the first printed step after step 0 is the warm-up point
     growth = rows[-1][1] - rows[warm][1]
-    line = (f"memory_soak: {args.steps} steps with NormCheck(): RSS {rows[warm][1]:.1f} MiB at step {rows[warm][0]}"
-            f" -> {rows[-1][1]:.1f} MiB at step {rows[-1][0]} ({growth:+.1f} MiB)")
+    line = (
+        f"memory_soak: {args.steps} steps with NormCheck(): RSS {rows[warm][1]:.1f} MiB at step {rows[warm][0]}"
+        f" -> {rows[-1][1]:.1f} MiB at step {rows[-1][0]} ({growth:+.1f} MiB)"
+    )
     if base:
         b_growth = base[-1][1] - base[warm][1]
         line += f"; without it {b_growth:+.1f} MiB"
     if traced:
-        line += (f"; memory held by lightning_normcheck {rows[warm][2] / 1024:.0f} KiB at step {rows[warm][0]},"
-                 f" {rows[-1][2] / 1024:.0f} KiB at step {rows[-1][0]}")
+        line += (
+            f"; memory held by lightning_normcheck {rows[warm][2] / 1024:.0f} KiB at step {rows[warm][0]},"
+            f" {rows[-1][2] / 1024:.0f} KiB at step {rows[-1][0]}"
+        )
     line += f" ({secs:.0f} s" + (f", baseline {base_secs:.0f} s)" if base else ")")
     print(line)
     return 0

@@ -138,9 +138,10 @@ class DemoModel(L.LightningModule):
         self.log("val_loss", nn.functional.mse_loss(self(x), y))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.hparams.optimizer == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        hp = self.hparams
+        if hp["optimizer"] == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=hp["lr"])
+        return torch.optim.Adam(self.parameters(), lr=hp["lr"])
 
 
 __all__ = ["DemoDataModule", "DemoModel"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -75,7 +76,9 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, device: torc
     norm_type = float(norm_type)
     out: list[Tensor | None] = [None] * len(tensors)
     grouped = _group_tensors_by_device_and_dtype([tensors], with_indices=True)  # type: ignore[list-item]
-    for (dev, dtype), ([group], indices) in grouped.items():  # type: ignore[misc]
+    for (dev, dtype), ([group_or_none], indices) in grouped.items():  # type: ignore[misc]
+        group = cast(list[Tensor], group_or_none)
+        norms: Sequence[Tensor]
         if _has_foreach_support(group, dev) and not dtype.is_complex:
             kwargs = {"dtype": torch.float32} if dtype in _LOW_PRECISION else {}
             norms = torch._foreach_norm(group, norm_type, **kwargs)
@@ -169,6 +172,7 @@ def sub_norms(a: Sequence[Tensor], b: Sequence[Tensor], norm_type: float = 2.0, 
         raise ValueError(f"sub_norms needs sequences of the same length, got {len(a)} and {len(b)}")
     if not a:
         return torch.zeros(0, dtype=torch.float32)
+    diffs: Sequence[Tensor]
     if inplace:
         diffs = list(a)
         torch._foreach_sub_(diffs, [t.detach() for t in b])

@@ -355,6 +355,7 @@ class _NormCheckBase(Callback):
     """Common machinery of the lightning_normcheck callbacks (not used directly)."""
 
     STATE_VERSION = 1
+    _init_args: dict[str, Any]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> _NormCheckBase:
         self = super().__new__(cls)

@@ -11,6 +11,7 @@ are in :mod:`lightning_normcheck.diagnosis.data`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -335,6 +336,10 @@ class _GradientSpikes(_Monitor):
         while len(self._batches) > MAX_BATCH_MAP:
             self._batches.popitem(last=False)
 
+    def _batch_and_optimizer(self, step: int, name: str) -> str:
+        """Where a spike of ``step`` came from: its batch, and the optimizer when there are several."""
+        return ", ".join(filter(None, (self._batch_of(step), name)))
+
     def _batch_of(self, step: int) -> str:
         b = self._batches.get(step)
         for earlier in range(step - 1, step - MAX_STEPS_PER_BATCH - 1, -1):  # several optimizer steps per batch
@@ -362,7 +367,7 @@ class _GradientSpikes(_Monitor):
             for k, series in sorted(per_opt.items()):
                 history = self.histories.setdefault(k, DD.SpikeHistory())
                 name = self._optimizer_name(run, k) if several else ""
-                new += history.update(series, lambda s, n=name: ", ".join(filter(None, (self._batch_of(s), n))))
+                new += history.update(series, functools.partial(self._batch_and_optimizer, name=name))
             view = DD.merged_history(list(self.histories.values())) if len(self.histories) > 1 else self.history
             DD.report_spikes(run.findings, view, new, self._clipping(run), self.factor, self.task)
             self._step_opt = {}

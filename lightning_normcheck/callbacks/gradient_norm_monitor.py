@@ -33,14 +33,14 @@ class _GradientNorms(_Monitor):
         self._bad_loss_value: torch.Tensor | None = None
         self._amp_scaler = False
         self._losses: list[tuple[int, torch.Tensor]] = []  # (step, detached loss) since the last flush
-        self._opt_index = {}
-        self._opt_layers = {}
-        self._step_opt = {}
-
-    def setup(self, run: _Run) -> None:
         self._opt_index: dict[int, int] = {}  # id(optimizer) -> 0, 1, ... in order of first step
         self._opt_layers: dict[int, list[str]] = {}  # optimizer index -> its layers' labels
         self._step_opt: dict[int, int] = {}  # step -> optimizer index, since the last flush
+
+    def setup(self, run: _Run) -> None:
+        self._opt_index = {}
+        self._opt_layers = {}
+        self._step_opt = {}
         self._bad_loss_step = self._bad_loss_value = None
         self._losses = []
         self._amp_scaler = getattr(getattr(run.trainer, "precision_plugin", None), "scaler", None) is not None

@@ -43,7 +43,8 @@ class _WeightDrift(_Monitor):
         # fast norms of self.params and of any list shaped like it (reference, differences); flush-time only
         self._plan: N.NormPlan | None = N.norm_plan(self.params)
         self._ref_norms: tuple[list[Tensor], Tensor] | None = None  # (reference, its per-tensor norms)
-        self._positions: dict[int, Tensor | bool] = {}  # id(optimizer) -> its parameters' indices in self.params
+        # id(optimizer) -> its parameters' indices in self.params (None: some are not in it)
+        self._positions: dict[int, Tensor | None] = {}
 
     def on_train_start(self, run: _Run) -> None:
         ref = self._restored_reference
@@ -113,17 +114,17 @@ class _WeightDrift(_Monitor):
                 continue
             params, layers, index = run.optimizer_params(opt)
             u = N.group_norms(upd, index, n_layers)
-            pos = self._positions.get(opt_id)
-            if pos is None:  # where this optimizer's parameters sit in self.params (once per fit)
+            if opt_id not in self._positions:  # where this optimizer's parameters sit in self.params (once per fit)
                 where = {id(p): i for i, p in enumerate(self.params)}
                 found = [where.get(id(p)) for p in params]
-                pos = self._positions[opt_id] = (
-                    torch.tensor(found, dtype=torch.long, device=w_norms.device) if None not in found else False
+                self._positions[opt_id] = (
+                    torch.tensor(found, dtype=torch.long, device=w_norms.device) if None not in found else None
                 )
+            pos = self._positions[opt_id]
             with torch.no_grad():  # the weights after the step: the norms measured above, when they cover them
                 w_tensor = (
                     w_norms.index_select(0, pos)
-                    if pos is not False
+                    if pos is not None
                     else N.plan_norms(run._opt_plan.get(id(opt)), params)
                 )
                 w = N.group_norms(w_tensor, index, n_layers)

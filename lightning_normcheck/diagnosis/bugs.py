@@ -220,7 +220,7 @@ def _slice(batch: Any, start: int, stop: int, n: int) -> Any:
     if isinstance(batch, Mapping):
         out = {k: _slice(v, start, stop, n) for k, v in batch.items()}
         try:
-            return type(batch)(out)  # OrderedDict and other dict types built from a dict
+            return type(batch)(out)  # type: ignore[call-arg]  # OrderedDict and other dict types built from a dict
         except Exception:  # noqa: BLE001 - e.g. defaultdict: a plain dict will do
             return out
     if isinstance(batch, (list, tuple)):

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_normcheck.findings import Finding, FindingLog
+from lightning_normcheck.findings import Finding, FindingLog, Severity
 
 # --- thresholds ---------------------------------------------------------------------------------------------
 #: Standardized features sit within ~5 (Gaussian) and rarely pass ~100 (heavy tails); a column truly
@@ -211,7 +211,7 @@ def _report_large_input(
             "Its values sit far from 0 on their own scale: a raw, unscaled feature (prices, counts, "
             "timestamps). Fix: " + fix_std + "; for heavy-tailed positives use log1p first."
         )
-    severity = "warning"
+    severity: Severity = "warning"
     tail = ""
     if normalized_by is not None:
         severity = "info"

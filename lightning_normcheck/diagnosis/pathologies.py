@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from lightning_normcheck.diagnosis.init import init_message, is_weight_layer, layer_init_advice
-from lightning_normcheck.findings import FindingLog
+from lightning_normcheck.findings import FindingLog, Severity
 
 INPUT_LABEL = "<input>"
 NONFINITE_CODES = ("nonfinite_loss", "nonfinite_gradients")
@@ -626,14 +626,14 @@ def _activation_depth(
         per_layer = total ** (1.0 / (j - i))
         shown = " -> ".join(f"{n} {_fmt(v)}" for n, v in chain[i : j + 1][:10])
         init = ""
-        known = findings.get(code, layer)
-        at_init = step == 0 or first_sample or bool(known is not None and known.extra.get("at_init"))
+        reported = findings.get(code, layer)
+        at_init = step == 0 or first_sample or bool(reported is not None and reported.extra.get("at_init"))
         if at_init:
             init = init_message(layer_init_advice(modules, order), "high" if direction == "up" else "low")
         grow = "grows" if direction == "up" else "shrinks"
-        sev = "error" if abs(math.log10(total)) >= 2 * math.log10(th.act_total_ratio) else "warning"
+        sev: Severity = "error" if abs(math.log10(total)) >= 2 * math.log10(th.act_total_ratio) else "warning"
         where = "from the first forward pass (so from initialization)" if at_init else f"at step {step}"
-        if at_init and known is not None:
+        if at_init and reported is not None:
             where += f" and still at step {step}"
         if direction == "up" and not at_init:  # it appeared during training: the weights grew
             causes = (
@@ -922,6 +922,7 @@ def diagnose_clipping(
     if n < min(window, th.clip_min_steps) or rate <= high_rate or recent < 0.8:
         return
     measure = "max |gradient entry|" if algorithm == "value" else "total gradient norm"
+    sev: Severity
     if not math.isfinite(excess) or excess < th.clip_warn_excess:
         sev = "info"
     elif rate >= 0.95 and excess >= th.clip_error_excess:
