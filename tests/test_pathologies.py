@@ -235,6 +235,9 @@ def test_saturation_needs_a_window_and_spares_the_output_head() -> None:
             assert not log.findings
     by_layer = {f.layer: f for f in log.findings}
     assert by_layer["1"].severity == "warning" and "70%" in by_layer["1"].message
+    # the Linear feeding it has std x sqrt(fan_in) = 6 where Xavier's is 1: named, with the std to use
+    assert "Init is off for the activation that follows: 0: std" in by_layer["1"].message
+    assert "Xavier: std 0.177" in by_layer["1"].message
     assert by_layer["3"].severity == "info"  # the last module: a confident output head
 
 

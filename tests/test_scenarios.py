@@ -159,3 +159,16 @@ def test_healthy_run_is_silent_other_seeds(name: str, seed: int) -> None:
     _, false = judge(res)
     assert not false, f"{name} seed {seed}: false alarms {[str(f) for f in false]}"
     assert bad(res.findings) == []
+
+
+def test_saturation_from_init_names_the_feeding_layer_and_the_std_to_use() -> None:
+    """Tanh saturated by a too-large init: the message names the Linear before it, its std x sqrt(fan_in) and
+    Xavier's std; saturation from a large bias (weights fine) gets no init advice."""
+    sat = [f for f in bad(result("saturated_tanh_init").findings) if f.code == "saturated_activations"]
+    assert sat
+    for f in sat:
+        feeding = f"net.{int(f.layer.rsplit('.', 1)[1]) - 1}"  # init_mlp: Linear, Tanh, Linear, Tanh, ...
+        assert f"Init is off for the activation that follows: {feeding}: std" in f.message, f.message
+        assert "x sqrt(fan_in=" in f.message and "xavier_normal_" in f.message
+    bias = [f for f in bad(result("saturated_sigmoid_bias").findings) if f.code == "saturated_activations"]
+    assert bias and all("Init is off" not in f.message for f in bias)

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from lightning_normcheck.diagnosis.init import init_message, is_weight_layer, layer_init_advice
-from lightning_normcheck.findings import FindingLog, Severity
+from lightning_normcheck.findings import SEVERITIES, FindingLog, Severity
 
 INPUT_LABEL = "<input>"
 NONFINITE_CODES = ("nonfinite_loss", "nonfinite_gradients")
@@ -580,7 +580,7 @@ def diagnose_activations(
     if rms:
         _activation_depth(findings, history, rms, values, order, modules, step, th)
     _dead_units(findings, history, values, order, modules, step, window, th)
-    _saturation(findings, history, values, order, step, window, th)
+    _saturation(findings, history, values, order, step, window, th, modules)
 
 
 def _activation_depth(
@@ -791,6 +791,7 @@ def _saturation(
     step: int,
     window: int,
     th: Thresholds,
+    modules: dict[str, nn.Module] | None = None,
 ) -> None:
     present = [n for n in order if f"normcheck/saturated_frac/{n}" in values]
     if not present:
@@ -808,9 +809,14 @@ def _saturation(
         if mean < th.saturated_fraction or min(h) < th.saturated_fraction / 2:
             continue
         output = n == last_module  # a sigmoid/tanh output head saturates when it is confident: expected
+        sev: Severity = "info" if output else ("error" if mean >= th.saturated_error else "warning")
+        known = findings.get("saturated_activations", n)
+        init = ""
+        if not output and modules and (known is None or SEVERITIES.index(sev) > SEVERITIES.index(known.severity)):
+            init = _init_before(n, order, modules)  # only when the message is (re)written: it reads the weights
         findings.report(
             "saturated_activations",
-            "info" if output else ("error" if mean >= th.saturated_error else "warning"),
+            sev,
             step,
             n,
             f"{mean:.0%} of the outputs of `{n}` sit at its bounds (within 1% of the range) on average over"
@@ -824,9 +830,20 @@ def _saturation(
             + " Saturated units pass almost no gradient (derivative ~0). Likely causes, most likely first: init"
             " std too large for tanh/sigmoid (pre-activations far from 0), inputs not normalized, learning rate"
             " too high, missing normalization. What to try: Xavier init (std sqrt(2/(fan_in+fan_out))), normalize"
-            " the inputs, add LayerNorm before the activation, lower the LR, or switch to ReLU/GELU.",
+            " the inputs, add LayerNorm before the activation, lower the LR, or switch to ReLU/GELU." + init,
             value=mean,
         )
+
+
+def _init_before(name: str, order: list[str], modules: dict[str, nn.Module]) -> str:
+    """The init advice for the weight layer that feeds activation ``name`` when its gain is too high, else ""."""
+    if name not in order:
+        return ""
+    end = order.index(name)
+    start = next((i for i in range(end - 1, -1, -1) if is_weight_layer(modules.get(order[i], nn.Identity()))), None)
+    if start is None:
+        return ""
+    return init_message(layer_init_advice(modules, order[start : end + 1]), "high")
 
 
 # ---------------------------------------------------------------------------------------------------------
