@@ -397,3 +397,36 @@ def test_update_ratio_and_drift_with_two_optimizers_match_independent_computatio
             assert row[f"normcheck/weight_drift/{layer}"] == pytest.approx(
                 model.drift[step][layer], rel=1e-4, abs=1e-7
             ), (step, layer)
+
+
+def test_headline_values_reach_callback_metrics_for_early_stopping() -> None:
+    """The latest total gradient norm and clip rate go to ``trainer.callback_metrics`` at each logging step, so
+    EarlyStopping can monitor them (strict: it raises when the key is missing)."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    class Probe(L.Callback):
+        seen: dict[int, float] = {}
+
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:  # after NormCheck's flush
+            value = trainer.callback_metrics.get("normcheck/grad_norm/total")
+            if value is not None:
+                self.seen[trainer.global_step - 1] = float(value)
+
+    rec, probe = Recorder(), Probe()
+    stop = EarlyStopping(
+        monitor="normcheck/grad_norm/total", mode="min", stopping_threshold=1e9, check_on_train_epoch_end=True
+    )
+    trainer = fit(
+        _model(),
+        loader(regression_data(n=64), 16),  # 4 steps per epoch
+        [rec, NormCheck(print_summary=False), probe, stop],
+        max_steps=40,
+        max_epochs=10,
+        log_every_n_steps=2,
+        gradient_clip_val=0.5,
+    )
+    assert trainer.current_epoch == 1 and trainer.global_step == 4  # stopped by the threshold after epoch 0
+    assert sorted(probe.seen) == [0, 1, 2, 3]  # the first 20 steps are all sampled
+    for step, value in probe.seen.items():
+        assert value == pytest.approx(rec.total[step], rel=1e-5)
+    assert 0.0 <= float(trainer.callback_metrics["normcheck/clip/rate"]) <= 1.0

@@ -311,6 +311,24 @@ class _Run:
                 _log_metrics(logger, public, step)
 
 
+#: Values also put in ``trainer.callback_metrics`` at each logging step (every rank: they are the same there),
+#: so ``EarlyStopping``/``ModelCheckpoint`` can monitor them.
+HEADLINE_KEYS = ("normcheck/grad_norm/total", "normcheck/clip/rate")
+
+
+def _publish_headline(trainer: Any, values: dict[str, float], series: list[tuple[int, str, float]]) -> None:
+    latest = dict(values)
+    for _, name, value in series:  # in step order: the last one is the latest step's
+        latest[name] = value
+    try:
+        metrics = trainer.callback_metrics
+        for key in HEADLINE_KEYS:
+            if key in latest:
+                metrics[key] = torch.tensor(latest[key])
+    except Exception:  # noqa: BLE001 - a convenience: never a reason for a monitor to fail
+        pass
+
+
 def _log_metrics(logger: Any, row: dict[str, float], step: int) -> None:
     """One ``logger.log_metrics(row, step=step)`` call: Lightning's logger API, whatever the logger."""
     logger.log_metrics(row, step=step)
@@ -493,6 +511,7 @@ class _NormCheckBase(Callback):
             return
         self._call("collect")
         values, series = run.transfer()
+        _publish_headline(run.trainer, values, series)
         try:
             run.emit(values, series, step)
         except Exception as err:  # noqa: BLE001 - a broken logger must not stop diagnosis
