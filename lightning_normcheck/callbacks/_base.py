@@ -125,6 +125,34 @@ def _plain(obj: Any) -> Any:
     return repr(obj)
 
 
+def compiled_prefixes(module: torch.nn.Module) -> list[str]:
+    """Names of the submodules of ``module`` whose forward runs as ``torch.compile``'d code ("" for all of it).
+
+    ``torch.compile(m)`` (an ``OptimizedModule``), ``m.compile()``, and a LightningModule compiled whole
+    (``torch.compile(lightning_module)``, which Lightning unwraps with ``from_compiled``). Forward hooks added
+    inside such code after its first trace are not seen (Dynamo does not guard on them), and extra forward
+    passes with other shapes or without gradients recompile it.
+    """
+    if getattr(module, "_compiler_ctx", None):
+        return [""]
+    out: list[str] = []
+    for name, m in module.named_modules():
+        if any(name == p or name.startswith(p + ".") for p in out if p):
+            continue
+        # OptimizedModule by name: importing torch._dynamo to check the type would cost a second at setup
+        optimized = type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod")
+        if optimized or getattr(m, "_compiled_call_impl", None) is not None:
+            if not name:
+                return [""]
+            out.append(name)
+    return out
+
+
+def in_prefixes(name: str, prefixes: list[str]) -> bool:
+    """Whether module ``name`` is one of ``prefixes`` or inside one ("" contains every name)."""
+    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+
+
 class _GradStats:
     """Gradient norms of one optimizer step, computed once and shared by the monitors."""
 

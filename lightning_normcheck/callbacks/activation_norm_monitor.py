@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 from typing import Any
 
 import torch
@@ -18,7 +19,11 @@ from lightning_normcheck.callbacks._base import (
     _Monitor,
     _NormCheckBase,
     _Run,
+    compiled_prefixes,
+    in_prefixes,
 )
+
+_log = logging.getLogger("lightning_normcheck")
 
 #: Modules whose output is exactly zero for a dead unit.
 RELU_LIKE: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
@@ -126,7 +131,17 @@ class _ActivationNorms(_Monitor):
         self._stats = {}
         self._window_alive = {}
         self._window_samples = 0
+        compiled = compiled_prefixes(run.pl_module)
+        if compiled and run.is_global_zero:
+            where = "the whole model" if "" in compiled else ", ".join(f"`{p}`" for p in compiled)
+            _log.info(
+                "lightning_normcheck: activations are not measured inside torch.compile'd code (%s): compiled code"
+                " does not see forward hooks added after its first trace, and adding them would recompile it.",
+                where,
+            )
         for name, module in run.pl_module.named_modules():
+            if in_prefixes(name, compiled):
+                continue
             if self._selected(name, module):
                 self.modules[name] = module
                 if isinstance(module, RELU_LIKE):

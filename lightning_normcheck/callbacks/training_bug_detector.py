@@ -12,7 +12,14 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor, nn
 
 from lightning_normcheck import norms as N
-from lightning_normcheck.callbacks._base import _check_bool, _check_int, _Monitor, _NormCheckBase, _Run
+from lightning_normcheck.callbacks._base import (
+    _check_bool,
+    _check_int,
+    _Monitor,
+    _NormCheckBase,
+    _Run,
+    compiled_prefixes,
+)
 from lightning_normcheck.diagnosis import bugs as B
 
 #: Parameters watched per optimizer (the first two and the last two that train): enough to see every
@@ -93,6 +100,7 @@ class _TrainingBugs(_Monitor):
         self._probe_failures = 0
         self._reduction: str | None = None
         self._manual = False
+        self._compiled = False
 
     # setup ------------------------------------------------------------------------------------------------
     def setup(self, run: _Run) -> None:
@@ -100,6 +108,9 @@ class _TrainingBugs(_Monitor):
         self._reset()
         module = run.pl_module
         self._manual = not module.automatic_optimization
+        # extra forward passes on half batches without gradients would recompile torch.compile'd code (other
+        # shapes, other grad mode) and could switch it to dynamic shapes: training would no longer be unchanged
+        self._compiled = bool(compiled_prefixes(module))
         self.rnn_modules = {n: m for n, m in module.named_modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))}
         for name, m in self.rnn_modules.items():
             self._handles.append(
@@ -253,6 +264,7 @@ class _TrainingBugs(_Monitor):
             self._markers = [*self._markers[-15:], (self.batches - 1, seq)]
         if (
             not self._manual
+            and not self._compiled
             and self.loss_probe
             and self._reduction is None
             and self._probe_runs < self.max_loss_probes
