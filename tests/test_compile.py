@@ -59,3 +59,24 @@ def test_a_compiled_model_trains_unchanged_and_silent(caplog: pytest.LogCaptureF
     assert act == {"normcheck/act_rms/<input>", "normcheck/act_rms/net.0", "normcheck/act_rms/net.1"}
     assert "normcheck/grad_norm/net.2._orig_mod.0" in mem.keys()  # gradients and weights are measured
     assert not bad(cb.findings) and cb.disabled_monitors == []
+
+
+class _CompiledLSTM(LitModel):
+    """An LSTM inside compiled code, its state carried across batches and detached (truncated BPTT)."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(16, 1))
+        self.rnn = torch.compile(nn.LSTM(4, 16, batch_first=True), backend="eager")
+        self.state: Any = None
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out, state = self.rnn(x.view(x.shape[0], 2, 4), self.state)
+        self.state = tuple(s.detach() for s in state)
+        return nn.functional.mse_loss(self.net(out[:, -1]), y)
+
+
+def test_a_compiled_rnn_is_not_hooked_and_stays_silent() -> None:
+    cb = NormCheck(print_summary=False)
+    fit(_CompiledLSTM(), loader(regression_data(n=320), 16), [cb], max_steps=20)
+    assert not bad(cb.findings) and cb.disabled_monitors == []
