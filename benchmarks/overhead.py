@@ -2,7 +2,7 @@
 
 Run from the repository root (one command; ``--quick`` for a short smoke run)::
 
-    python benchmarks/overhead.py            # full: ~25 min on a 2-core CPU
+    python benchmarks/overhead.py            # full: ~15 min on a 2-core CPU
     python benchmarks/overhead.py --quick    # ~3 min, noisier
 
 What is timed: the steady-state time of a training step (``on_train_batch_start`` of step ``warmup`` to
