@@ -5,15 +5,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_normcheck.norms import STACK_NUMEL, NormPlan
+from lightning_normcheck.norms import STACK_MIN, STACK_NUMEL, NormPlan
 
 
 def test_plan_matches_vector_norm_for_mixed_shapes_in_order() -> None:
     g = torch.Generator().manual_seed(0)
-    shapes = [(3, 4), (200, 100), (4,), (3, 4), (5,), (300, 70), (4,), (1,), (2, 3, 5)]
-    ts = [torch.randn(*s, generator=g) * (10.0**i) for i, s in enumerate(shapes)]
+    # (3, 4) often enough to be stacked, interleaved with large tensors and small ones too few to stack
+    shapes = [(3, 4), (200, 100), (4,), (3, 4), (5,), (300, 70), (4,), (1,), (2, 3, 5)] + [(3, 4), (7,)] * STACK_MIN
+    ts = [torch.randn(*s, generator=g) * (10.0 ** (i % 9)) for i, s in enumerate(shapes)]
     assert any(t.numel() > STACK_NUMEL for t in ts) and any(t.numel() <= STACK_NUMEL for t in ts)
-    got = NormPlan(ts).norms(ts)
+    plan = NormPlan(ts)
+    assert [len(group) for group in plan.groups] == [STACK_MIN + 2, STACK_MIN]  # (3, 4) and (7,) stacked
+    assert plan.big == [1, 2, 4, 5, 6, 7, 8] and plan.inverse is not None  # the rest through one foreach
+    got = plan.norms(ts)
     want = torch.stack([torch.linalg.vector_norm(t) for t in ts])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
     total = torch.linalg.vector_norm(got)
