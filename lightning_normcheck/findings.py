@@ -39,8 +39,6 @@ CODES: tuple[str, ...] = (
     "gradient_spikes",
     "input_scale",
     "label_scale",
-    # info-level hints (clipping habits, warm-up)
-    "hygiene",
 )
 
 log = logging.getLogger("lightning_normcheck")

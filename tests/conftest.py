@@ -10,3 +10,23 @@ import torch  # noqa: E402
 
 # Tiny models on 2 shared cores: one intra-op thread is much faster than torch's default under load.
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+from lightning_normcheck.findings import CODES, FindingLog  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _only_contract_codes(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Every finding any test produces has one of the codes of the public contract (``CODES``). Checked after the
+    test: an exception inside a monitor would be absorbed by the package's fault isolation."""
+    report, unknown = FindingLog.report, []
+
+    def checked(self, code, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if code not in CODES:
+            unknown.append(code)
+        return report(self, code, *args, **kwargs)
+
+    monkeypatch.setattr(FindingLog, "report", checked)
+    yield
+    assert not unknown, f"finding codes outside the contract: {sorted(set(unknown))}"

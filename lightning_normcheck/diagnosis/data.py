@@ -490,22 +490,15 @@ def report_spikes(
             batches=[s.batch for s in listed],
             max_factor=worst.factor,
         )
-    if not clipping:
-        add_hint(
-            findings,
-            "no_clipping",
-            first.step,
-            "No gradient clipping while the gradient norm spikes: gradient_clip_val=1.0 bounds what one bad "
-            "batch can do to the weights.",
-        )
 
 
 # --- hygiene ------------------------------------------------------------------------------------------------------
-def add_hint(findings: FindingLog, key: str, step: int, text: str) -> Finding | None:
-    """Add an info-level ``hygiene`` hint; hints share one finding (one per (code, layer)), joined."""
-    f = findings.get("hygiene")
+def add_hint(findings: FindingLog, code: str, key: str, step: int, text: str) -> Finding | None:
+    """Add an info-level hint under ``code`` (layer None): a new info finding, or its text joined to the
+    finding of that code already there (one per (code, layer)); a later warning of the code replaces it."""
+    f = findings.get(code)
     if f is None:
-        return findings.report("hygiene", "info", step, None, text, hints=[key])
+        return findings.report(code, "info", step, None, text, hints=[key])
     hints = f.extra.setdefault("hints", [])
     if key in hints:
         return None
@@ -526,6 +519,7 @@ def diagnose_clipping_hygiene(findings: FindingLog, step: int, totals: Sequence[
     if rate >= CLIP_MOST:
         add_hint(
             findings,
+            "high_clip_rate",
             "clipping_most",
             step,
             f"Gradient clipping at {_g(clip_val)} acts on {100 * rate:.0f}% of the last {len(finite)} steps "
@@ -563,6 +557,7 @@ def diagnose_warmup(
     layer, worst = max(update_ratios.items(), key=lambda kv: kv[1] if math.isfinite(kv[1]) else -1.0)
     add_hint(
         findings,
+        "weight_norm_growth",  # weights moving a large fraction of their norm per step
         "warmup",
         step,
         f"{optimizer} runs at its full LR ({_g(lr)}) from step 0 and the early updates are large: at step {step} "
