@@ -55,6 +55,11 @@ def main(out_dir: str) -> None:
             },
             f,
         )
+    # tear the process group down before the interpreter exits: left to exit, gloo's threads can abort the
+    # process ("terminate called without an active exception", exit code -6) after a successful fit
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
