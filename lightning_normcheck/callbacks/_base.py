@@ -137,7 +137,7 @@ def compiled_prefixes(module: torch.nn.Module) -> list[str]:
         return [""]
     out: list[str] = []
     for name, m in module.named_modules():
-        if any(name == p or name.startswith(p + ".") for p in out if p):
+        if in_prefixes(name, out):  # inside a compiled module already listed
             continue
         # OptimizedModule by name: importing torch._dynamo to check the type would cost a second at setup
         optimized = type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod")
@@ -345,14 +345,13 @@ HEADLINE_KEYS = ("normcheck/grad_norm/total", "normcheck/clip/rate")
 
 
 def _publish_headline(trainer: Any, values: dict[str, float], series: list[tuple[int, str, float]]) -> None:
-    latest = dict(values)
-    for _, name, value in series:  # in step order: the last one is the latest step's
-        latest[name] = value
     try:
         metrics = trainer.callback_metrics
         for key in HEADLINE_KEYS:
-            if key in latest:
-                metrics[key] = torch.tensor(latest[key])
+            # per-step series are in step order: the last entry of a key is the latest step's
+            value = next((v for _, n, v in reversed(series) if n == key), values.get(key))
+            if value is not None:
+                metrics[key] = torch.tensor(value)
     except Exception:  # noqa: BLE001 - a convenience: never a reason for a monitor to fail
         pass
 

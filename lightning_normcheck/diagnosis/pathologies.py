@@ -840,7 +840,9 @@ def _init_before(name: str, order: list[str], modules: dict[str, nn.Module]) -> 
     if name not in order:
         return ""
     end = order.index(name)
-    start = next((i for i in range(end - 1, -1, -1) if is_weight_layer(modules.get(order[i], nn.Identity()))), None)
+    start = next(
+        (i for i in range(end - 1, -1, -1) if order[i] in modules and is_weight_layer(modules[order[i]])), None
+    )
     if start is None:
         return ""
     return init_message(layer_init_advice(modules, order[start : end + 1]), "high")
