@@ -558,3 +558,10 @@ __all__ = [
 ]
 
 _ = torch
+
+
+from lightning_normcheck.diagnosis.engine import Rules  # noqa: E402
+
+
+class BugRules(Rules):
+    name = "bugs"

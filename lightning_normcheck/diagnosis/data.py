@@ -580,3 +580,10 @@ __all__ = [
     "diagnose_spikes",
     "diagnose_warmup",
 ]
+
+
+from lightning_normcheck.diagnosis.engine import Rules  # noqa: E402
+
+
+class DataRules(Rules):
+    name = "data"

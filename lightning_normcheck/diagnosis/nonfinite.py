@@ -1,0 +1,9 @@
+"""Rules: nonfinite (being ported from the string-keyed diagnosis)."""
+
+from __future__ import annotations
+
+from lightning_normcheck.diagnosis.engine import Rules
+
+
+class NonfiniteRules(Rules):
+    name = "nonfinite"

@@ -1,0 +1,9 @@
+"""Rules: weights (being ported from the string-keyed diagnosis)."""
+
+from __future__ import annotations
+
+from lightning_normcheck.diagnosis.engine import Rules
+
+
+class WeightRules(Rules):
+    name = "weights"
