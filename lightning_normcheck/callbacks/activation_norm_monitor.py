@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Hashable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from lightning_normcheck import diagnosis as D
 from lightning_normcheck import norms as N
-from lightning_normcheck.callbacks._base import (
-    _check_float,
-    _check_int,
-    _check_str_list,
-    _Monitor,
-    _NormCheckBase,
-    _Run,
-    compiled_prefixes,
-    in_prefixes,
+from lightning_normcheck.callbacks._args import _check_float, _check_int, _check_str_list
+from lightning_normcheck.callbacks._base import _Monitor, _NormCheckBase, _Run
+from lightning_normcheck.callbacks._run import compiled_prefixes, in_prefixes
+from lightning_normcheck.diagnosis.records import (
+    ActivationSample,
+    InitStats,
+    LayerInitStat,
+    ModuleStat,
+    Record,
 )
+from lightning_normcheck.diagnosis.thresholds import Thresholds
 
 _log = logging.getLogger("lightning_normcheck")
 
@@ -45,7 +46,11 @@ SKIPPED: tuple[type[nn.Module], ...] = (
     nn.Flatten,
     nn.Unflatten,
 )
-INPUT_LABEL = "<input>"
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """Linear- and convolution-like modules (the layers whose outputs a depth trend is judged on)."""
+    return isinstance(module, (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd))
 
 
 def first_tensor(output: Any) -> Tensor | None:
@@ -107,9 +112,10 @@ class _ActivationNorms(_Monitor):
         self._sampled_step = -1
         self._window_alive: dict[str, list[Tensor]] = {}  # alive masks of the last `window` sampled batches
         self._window_samples = 0
-        self.history = D.ActivationHistory()
         self.last_order: list[str] = []
-        self._owner: _NormCheckBase | None = None
+        self._staged_order: list[str] = []
+        self._staged_input = False
+        self.init_stats: InitStats | None = None
 
     def _selected(self, name: str, module: nn.Module) -> bool:
         if any(True for _ in module.children()) or isinstance(module, SKIPPED) or not name:
@@ -150,7 +156,24 @@ class _ActivationNorms(_Monitor):
                     self.kinds[name] = "bounded"
                     self.bounds[name] = BOUNDED[type(module)]
                 else:
-                    self.kinds[name] = ""
+                    self.kinds[name] = "weight" if is_weight_layer(module) else ""
+
+    def on_train_start(self, run: _Run) -> None:
+        # the weight scale of every hooked Linear/Conv at the start of fit, for init advice (one transfer)
+        layers = [
+            (name, m.weight)
+            for name, m in self.modules.items()
+            if self.kinds[name] == "weight"
+            and isinstance(getattr(m, "weight", None), Tensor)
+            and m.weight.dim() >= 2
+            and m.weight.is_floating_point()
+            and m.weight.numel() >= 2
+        ]
+        stds, fan_in, fan_out = N.init_stats([w for _, w in layers])
+        values = stds.cpu().tolist()
+        self.init_stats = InitStats(
+            tuple(LayerInitStat(n, fi, fo, v) for (n, _), fi, fo, v in zip(layers, fan_in, fan_out, values))
+        )
 
     # hooks only live during sampled steps -------------------------------------------------------------
     def on_train_batch_start(self, run: _Run, batch: Any, batch_idx: int) -> None:
@@ -209,53 +232,68 @@ class _ActivationNorms(_Monitor):
         sq = N.sum_of_squares(x)
         st.sumsq = sq if st.sumsq is None else st.sumsq + sq
         st.numel += x.numel()
-        if kind == "relu" and x.dim() >= 2:
-            unit_dim = 1 if x.dim() >= 4 else x.dim() - 1
-            alive = x.movedim(unit_dim, -1).reshape(-1, x.shape[unit_dim]).ne(0).any(0)
-            st.alive = alive if st.alive is None or st.alive.shape != alive.shape else st.alive | alive
+        if kind == "relu":
+            alive = N.alive_units(x)
+            if alive is not None:
+                st.alive = alive if st.alive is None or st.alive.shape != alive.shape else st.alive | alive
         elif kind == "bounded" and bounds is not None:
-            lo, hi = bounds
-            margin = (hi - lo) * (1.0 - thr) / 2.0
-            sat = ((x <= lo + margin) | (x >= hi - margin)).sum()
+            sat = N.saturated_count(x, bounds[0], bounds[1], thr)
             st.saturated = sat if st.saturated is None else st.saturated + sat
 
     def collect(self, run: _Run) -> None:
+        self._staged_order = []
         if not self._stats:
             return
-        order = sorted(self._stats, key=lambda n: self._stats[n].order)
-        self.last_order = order
+        order = [n for n in sorted(self._stats, key=lambda n: self._stats[n].order) if self._stats[n].sumsq is not None]
+        self._staged_order = self.last_order = order
+        self._staged_input = self._input is not None and self._input.sumsq is not None
         if self._input is not None and self._input.sumsq is not None:
-            run.add_metric(f"normcheck/act_rms/{INPUT_LABEL}", (self._input.sumsq / max(self._input.numel, 1)).sqrt())
+            run.stage((self.name, "input"), N.rms_from_sumsq(self._input.sumsq, self._input.numel))
         self._window_samples += 1
         for name in order:
             st = self._stats[name]
-            if st.sumsq is None:
-                continue
-            run.add_metric(f"normcheck/act_rms/{name}", (st.sumsq / max(st.numel, 1)).sqrt())
+            values = [N.rms_from_sumsq(st.sumsq, st.numel)]  # type: ignore[arg-type]
             if st.alive is not None:
-                run.add_metric(f"normcheck/dead_frac/{name}", 1.0 - st.alive.float().mean())
                 # a sliding window of the last `window` sampled batches: a unit is dead if it never fired in any
                 hist = self._window_alive.setdefault(name, [])
                 keep = [a for a in hist if a.shape == st.alive.shape]
                 hist[:] = keep[max(0, len(keep) - self.window + 1) :] + [st.alive]
-                win = torch.stack(hist).any(0)
-                run.add_metric(f"_dead_window/{name}", 1.0 - win.float().mean())
+                values += [N.dead_fraction([st.alive]), N.dead_fraction(hist)]
             if st.saturated is not None:
-                run.add_metric(f"normcheck/saturated_frac/{name}", st.saturated.float() / max(st.numel, 1))
-        run.add_metric("_window_samples", torch.tensor(float(min(self._window_samples, self.window))))
+                values.append(st.saturated.float() / max(st.numel, 1))
+            run.stage((self.name, name), torch.stack([v.float() for v in values]))
         self._stats = {}
         self._input = None
 
-    def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
-        D.diagnose_activations(
-            run.findings, self.history, values, self.last_order, self.modules, step, window=self.window
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history.load_state_dict(state.get("history", {}))
+    def records(self, run: _Run, host: dict[Hashable, Any]) -> list[Record]:
+        if not self._staged_order:
+            return []
+        stats = []
+        for name in self._staged_order:
+            v = host[(self.name, name)]
+            kind = self.kinds.get(name, "")
+            dead = kind == "relu" and len(v) >= 3
+            stats.append(
+                ModuleStat(
+                    name,
+                    type(self.modules[name]).__name__ if name in self.modules else "",
+                    kind,
+                    v[0],
+                    dead_batch=v[1] if dead else None,
+                    dead_window=v[2] if dead else None,
+                    saturated=v[1] if kind == "bounded" and len(v) >= 2 else None,
+                )
+            )
+        self._staged_order = []
+        return [
+            ActivationSample(
+                run.flush_step,
+                tuple(stats),
+                input_rms=host.get((self.name, "input")),
+                window_samples=min(self._window_samples, self.window),
+                window=self.window,
+            )
+        ]
 
 
 class ActivationNormMonitor(_NormCheckBase):
@@ -280,6 +318,7 @@ class ActivationNormMonitor(_NormCheckBase):
             means ``|tanh| > 0.99``).
         activation_window: number of sampled steps over which dead and saturated units are judged.
         print_summary: print the findings table at the end of fit.
+        thresholds: the thresholds of the rules (:class:`~lightning_normcheck.diagnosis.thresholds.Thresholds`).
 
     Example:
         >>> ActivationNormMonitor(exclude_types=["LayerNorm"])  # doctest: +ELLIPSIS
@@ -304,8 +343,9 @@ class ActivationNormMonitor(_NormCheckBase):
         saturation_threshold: float = 0.99,
         activation_window: int = 5,
         print_summary: bool = True,
+        thresholds: Thresholds | None = None,
     ) -> None:
-        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
+        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary, thresholds=thresholds)
         self._monitors = [
             _make_monitor(
                 type(self).__name__,

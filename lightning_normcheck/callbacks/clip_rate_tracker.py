@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Hashable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lightning_normcheck import diagnosis as D
 from lightning_normcheck import norms as N
-from lightning_normcheck.callbacks._base import _check_choice, _check_float, _check_int, _Monitor, _NormCheckBase, _Run
+from lightning_normcheck.callbacks._args import _check_choice, _check_float, _check_int
+from lightning_normcheck.callbacks._base import _Monitor, _NormCheckBase, _Run
+from lightning_normcheck.diagnosis.records import ClipWindow, Record
+from lightning_normcheck.diagnosis.thresholds import Thresholds
+
+#: The latest steps whose clip fraction says whether clipping still acts now (not only early in the window).
+RECENT_STEPS = 5
 
 
 class _ClipRate(_Monitor):
     name = "clip_rate"
 
-    def __init__(self, clip_threshold: float | None, clip_algorithm: str | None, window: int, high_rate: float) -> None:
+    def __init__(self, clip_threshold: float | None, clip_algorithm: str | None, window: int) -> None:
         self.clip_threshold = clip_threshold
         self.clip_algorithm = clip_algorithm
         self.window = window
-        self.high_rate = high_rate
         self.threshold: float | None = None
         self.algorithm = "norm"
         self._clipped: Tensor | None = None  # ring buffer of 0/1 per optimizer step
@@ -27,7 +33,7 @@ class _ClipRate(_Monitor):
         self._pos = 0
         self._filled = 0
         self._pending: list[Tensor] = []  # pre-clip measures not yet written into the ring buffers
-        self.history = D.ClipHistory()
+        self._staged = 0  # steps in the window when staged
 
     def setup(self, run: _Run) -> None:
         trainer = run.trainer
@@ -75,28 +81,28 @@ class _ClipRate(_Monitor):
 
     def collect(self, run: _Run) -> None:
         self._drain()
+        self._staged = 0
         if self._clipped is None or self._filled == 0 or self._ratio is None:
             return
-        n = self._filled
+        n = self._staged = self._filled
         clipped = self._clipped[:n]
-        rate = clipped.mean()
         mean_excess = (self._ratio[:n] * clipped).sum() / clipped.sum().clamp_min(1.0)
-        run.add_metric("normcheck/clip/rate", rate)
-        run.add_metric("normcheck/clip/mean_excess", mean_excess)
-        run.add_metric("_clip_window_steps", torch.tensor(float(n)))
-        k = min(n, 5)  # the latest steps: still clipping now, or only early in the window?
+        k = min(n, RECENT_STEPS)  # the latest steps: still clipping now, or only early in the window?
         last = torch.tensor([(self._pos - 1 - j) % self.window for j in range(k)], device=clipped.device)
-        run.add_metric("_clip_recent", self._clipped.index_select(0, last).mean())
+        recent = self._clipped.index_select(0, last).mean()
+        run.stage((self.name, "stats"), torch.stack([clipped.mean(), mean_excess, recent]))
 
-    def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
-        D.diagnose_clipping(
-            run.findings, self.history, values, step, self.threshold, self.algorithm, self.high_rate, self.window
-        )
+    def records(self, run: _Run, host: dict[Hashable, Any]) -> list[Record]:
+        if not self._staged or self.threshold is None:
+            return []
+        rate, excess, recent = host[(self.name, "stats")]
+        return [
+            ClipWindow(run.flush_step, self.threshold, self.algorithm, rate, excess, self._staged, recent, self.window)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         self._drain()
         return {
-            "history": self.history.state_dict(),
             "clipped": None if self._clipped is None else self._clipped.cpu(),
             "ratio": None if self._ratio is None else self._ratio.cpu(),
             "pos": self._pos,
@@ -104,7 +110,6 @@ class _ClipRate(_Monitor):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history.load_state_dict(state.get("history", {}))
         if state.get("clipped") is not None and len(state["clipped"]) == self.window:
             self._clipped, self._ratio = state["clipped"], state["ratio"]
             self._pos, self._filled = int(state.get("pos", 0)), int(state.get("filled", 0))
@@ -126,6 +131,8 @@ class ClipRateTracker(_NormCheckBase):
         clip_window: the number of optimizer steps the rate is computed over.
         high_clip_rate: a rate above this over a full window is reported as ``high_clip_rate``.
         print_summary: print the findings table at the end of fit.
+        thresholds: the thresholds of the rules (:class:`~lightning_normcheck.diagnosis.thresholds.Thresholds`);
+            ``high_clip_rate``, when given, sets ``thresholds.clipping.high_rate``.
 
     Example:
         >>> ClipRateTracker(clip_threshold=1.0, clip_window=100)  # doctest: +ELLIPSIS
@@ -147,29 +154,33 @@ class ClipRateTracker(_NormCheckBase):
         clip_window: int = 50,
         high_clip_rate: float = 0.5,
         print_summary: bool = True,
+        thresholds: Thresholds | None = None,
     ) -> None:
-        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
-        self._monitors = [
-            _make_monitor(
-                type(self).__name__,
-                clip_threshold=clip_threshold,
-                clip_algorithm=clip_algorithm,
-                clip_window=clip_window,
-                high_clip_rate=high_clip_rate,
-            )
-        ]
+        monitor = _make_monitor(
+            type(self).__name__, clip_threshold=clip_threshold, clip_algorithm=clip_algorithm, clip_window=clip_window
+        )
+        thresholds = with_clip_rate(type(self).__name__, thresholds, high_clip_rate)
+        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary, thresholds=thresholds)
+        self._monitors = [monitor]
 
 
-def _make_monitor(
-    owner: str, clip_threshold: float | None, clip_algorithm: str | None, clip_window: int, high_clip_rate: float
-) -> _ClipRate:
+def _make_monitor(owner: str, clip_threshold: float | None, clip_algorithm: str | None, clip_window: int) -> _ClipRate:
     _check_float(owner, "clip_threshold", clip_threshold, low=0.0, allow_none=True)
     if clip_algorithm is not None:
         _check_choice(owner, "clip_algorithm", clip_algorithm, ("norm", "value"))
     _check_int(owner, "clip_window", clip_window, 1)
-    _check_float(owner, "high_clip_rate", high_clip_rate, low=0.0, high=1.0)
     threshold = None if clip_threshold is None else float(clip_threshold)
-    return _ClipRate(threshold, clip_algorithm, clip_window, float(high_clip_rate))
+    return _ClipRate(threshold, clip_algorithm, clip_window)
+
+
+def with_clip_rate(owner: str, thresholds: Thresholds | None, high_clip_rate: float) -> Thresholds:
+    """``thresholds`` with ``clipping.high_rate`` set from the ``high_clip_rate`` argument when that is not
+    its default (the argument is the short way to set that one threshold)."""
+    _check_float(owner, "high_clip_rate", high_clip_rate, low=0.0, high=1.0)
+    th = thresholds if isinstance(thresholds, Thresholds) else Thresholds()
+    if float(high_clip_rate) == 0.5 or thresholds is not None and not isinstance(thresholds, Thresholds):
+        return thresholds  # type: ignore[return-value]  # the default, or a bad value the base rejects by name
+    return dataclasses.replace(th, clipping=dataclasses.replace(th.clipping, high_rate=float(high_clip_rate)))
 
 
 __all__ = ["ClipRateTracker"]

@@ -3,22 +3,18 @@ sampled steps."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import torch
 
-from lightning_normcheck import diagnosis as D
 from lightning_normcheck import norms as N
 from lightning_normcheck.callbacks import _signals
-from lightning_normcheck.callbacks._base import (
-    _check_bool,
-    _check_float,
-    _Monitor,
-    _NormCheckBase,
-    _Run,
-)
-
-TOTAL_KEY = "normcheck/grad_norm/total"
+from lightning_normcheck.callbacks._args import _check_bool, _check_float
+from lightning_normcheck.callbacks._base import _Monitor, _NormCheckBase, _Run
+from lightning_normcheck.callbacks._emission import TOTAL_KEY
+from lightning_normcheck.diagnosis.records import GradientLayers, GradientTotals, LossCheck, Record
+from lightning_normcheck.diagnosis.thresholds import Thresholds
 
 
 class _GradientNorms(_Monitor):
@@ -27,23 +23,21 @@ class _GradientNorms(_Monitor):
     def __init__(self, norm_type: float = 2.0, per_parameter: bool = False) -> None:
         self.norm_type = norm_type
         self.per_parameter = per_parameter
-        self.history = D.GradientHistory()
-        self._first_nonfinite: tuple[int, list[str]] | None = None
         self._bad_loss_step: torch.Tensor | None = None  # first step with a non-finite loss (-1: none), on device
         self._bad_loss_value: torch.Tensor | None = None
-        self._amp_scaler = False
         self._losses: list[tuple[int, torch.Tensor]] = []  # (step, detached loss) since the last flush
-        self._opt_index: dict[int, int] = {}  # id(optimizer) -> 0, 1, ... in order of first step
-        self._opt_layers: dict[int, list[str]] = {}  # optimizer index -> its layers' labels
-        self._step_opt: dict[int, int] = {}  # step -> optimizer index, since the last flush
+        self._totals: list[tuple[int, int, torch.Tensor]] = []  # (step, optimizer, total) since the last flush
+        self._layers: list[tuple[int, int, list[str], torch.Tensor, list[str], torch.Tensor | None]] = []
+        self._staged: tuple[list[tuple[int, int]], int, int] | None = None
 
     def setup(self, run: _Run) -> None:
-        self._opt_index = {}
-        self._opt_layers = {}
-        self._step_opt = {}
         self._bad_loss_step = self._bad_loss_value = None
         self._losses = []
-        self._amp_scaler = getattr(getattr(run.trainer, "precision_plugin", None), "scaler", None) is not None
+        self._totals = []
+        self._layers = []
+
+    def pending(self) -> bool:
+        return bool(self._totals or self._losses)
 
     def on_before_backward(self, run: _Run, loss: torch.Tensor) -> None:
         # hot path: only queue the loss; it is checked on the device at the next flush (no sync, no kernel)
@@ -70,65 +64,57 @@ class _GradientNorms(_Monitor):
         self._bad_loss_value = torch.where(first, values.index_select(0, i)[0], self._bad_loss_value)
         self._bad_loss_step = torch.where(first, steps.index_select(0, i)[0], self._bad_loss_step)
 
-    def collect(self, run: _Run) -> None:
-        self._check_losses()
-        if self._bad_loss_step is not None and self._bad_loss_value is not None:
-            run.add_metric("_nonfinite_loss_step", self._bad_loss_step)
-            run.add_metric("_nonfinite_loss_value", self._bad_loss_value)
-
     def on_before_optimizer_step(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
         step = run.step
+        stats = run.grad_stats(optimizer)
         if self.norm_type == 2.0:
-            stats = run.grad_stats(optimizer)
             per_tensor, total = stats.norms, stats.total
         else:  # a non-default norm gets its own pass
-            stats = run.grad_stats(optimizer)
             per_tensor = N.tensor_norms(stats.grads, self.norm_type)
             total = N.total_norm(per_tensor, self.norm_type)
-        run.add_series(step, TOTAL_KEY, total)
-        # host bookkeeping for diagnosis (plain ints, no sync): which optimizer stepped, and its layers
-        k = self._opt_index.setdefault(id(optimizer), len(self._opt_index))
-        self._step_opt[step] = k
-        if k not in self._opt_layers:
-            self._opt_layers[k] = [run.layer_label(i) for i in sorted(set(stats.layers))]
+        k = run.optimizer_index(optimizer)
+        self._totals.append((step, k, total))
         if not run.is_due(step) or not stats.grads:
             return
         per_layer = N.group_norms(per_tensor, stats.layer_index, len(run.layer_names), self.norm_type)
         present = sorted(set(stats.layers))
-        run.add_metrics("normcheck/grad_norm/", per_layer[present], [run.layer_label(i) for i in present])
-        if self.per_parameter:
-            names = [run.param_name[id(p)] for p in stats.params]
-            run.add_metrics("normcheck/grad_norm_param/", per_tensor, names)
+        labels = [run.layer_label(i) for i in present]
+        names = [run.param_name[id(p)] for p in stats.params] if self.per_parameter else []
+        self._layers.append((step, k, labels, per_layer[present], names, per_tensor if names else None))
 
-    def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
-        totals = [(s, v) for s, n, v in run.flushed_series if n == TOTAL_KEY]
-        layers = {
-            k[len("normcheck/grad_norm/") :]: v
-            for k, v in values.items()
-            if k.startswith("normcheck/grad_norm/") and k != TOTAL_KEY
-        }
-        D.diagnose_gradients(
-            run.findings,
-            self.history,
-            totals,
-            layers,
-            step,
-            run.layer_names,
-            values=values,
-            amp_scaler=self._amp_scaler,
-            optimizer_of_step=self._step_opt,
-            layer_groups=list(self._opt_layers.values()),
-        )
-        self._step_opt = {}
+    def collect(self, run: _Run) -> None:
+        self._check_losses()
+        if self._bad_loss_step is not None and self._bad_loss_value is not None:
+            run.stage((self.name, "loss_step"), self._bad_loss_step)
+            run.stage((self.name, "loss_value"), self._bad_loss_value)
+        totals, self._totals = self._totals, []
+        if totals:
+            device = totals[0][2].device
+            run.stage((self.name, "totals"), torch.stack([t.reshape(()).float().to(device) for _, _, t in totals]))
+        for i, (_, _, _, values, _, params) in enumerate(self._layers):
+            run.stage((self.name, "layers", i), values)
+            if params is not None:
+                run.stage((self.name, "params", i), params)
+        self._staged = ([(s, k) for s, k, _ in totals], len(self._layers), 0)
 
-    def on_exception(self, run: _Run, exception: BaseException) -> None:
-        D.explain_exception(run.findings, exception, run.step)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history.load_state_dict(state.get("history", {}))
+    def records(self, run: _Run, host: dict[Hashable, Any]) -> list[Record]:
+        out: list[Record] = []
+        if (self.name, "loss_step") in host:
+            out.append(LossCheck(int(host[(self.name, "loss_step")]), float(host[(self.name, "loss_value")])))
+        keys = self._staged[0] if self._staged else []
+        if keys:
+            values = host[(self.name, "totals")]
+            out.append(
+                GradientTotals(
+                    tuple(s for s, _ in keys), tuple(values), tuple(k for _, k in keys), float(self.norm_type)
+                )
+            )
+        for i, (step, k, labels, _, names, _) in enumerate(self._layers):
+            params = tuple(zip(names, host.get((self.name, "params", i), ())))
+            out.append(GradientLayers(step, k, tuple(labels), tuple(host[(self.name, "layers", i)]), params))
+        self._layers = []
+        self._staged = None
+        return out
 
 
 class GradientNormMonitor(_NormCheckBase):
@@ -147,6 +133,7 @@ class GradientNormMonitor(_NormCheckBase):
         norm_type: the p of the p-norm (2.0 by default, ``inf`` allowed).
         per_parameter: also log one key per parameter (``normcheck/grad_norm_param/<name>``).
         print_summary: print the findings table at the end of fit.
+        thresholds: the thresholds of the rules (:class:`~lightning_normcheck.diagnosis.thresholds.Thresholds`).
 
     Raises:
         ValueError: if an argument is out of range (the message names it and what is allowed).
@@ -177,10 +164,11 @@ class GradientNormMonitor(_NormCheckBase):
         norm_type: float = 2.0,
         per_parameter: bool = False,
         print_summary: bool = True,
+        thresholds: Thresholds | None = None,
     ) -> None:
-        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
+        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary, thresholds=thresholds)
         self._monitors = [_make_monitor(type(self).__name__, norm_type=norm_type, per_parameter=per_parameter)]
-        self._monitors.append(_signals._make_spikes(type(self).__name__))  # gradient_spikes, hygiene hints
+        self._monitors.append(_signals._make_spikes(type(self).__name__))  # batches of gradient spikes
 
 
 def _make_monitor(owner: str, norm_type: float, per_parameter: bool) -> _GradientNorms:

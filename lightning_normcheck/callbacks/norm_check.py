@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from lightning_normcheck.callbacks import (
@@ -12,7 +13,9 @@ from lightning_normcheck.callbacks import (
     training_bug_detector,
     weight_drift_monitor,
 )
-from lightning_normcheck.callbacks._base import _check_bool, _Monitor, _NormCheckBase
+from lightning_normcheck.callbacks._args import _check_bool, _check_float, _check_type
+from lightning_normcheck.callbacks._base import _Monitor, _NormCheckBase
+from lightning_normcheck.diagnosis.thresholds import Thresholds
 
 
 class NormCheck(_NormCheckBase):
@@ -57,6 +60,10 @@ class NormCheck(_NormCheckBase):
             to tell a summed loss from an averaged one (automatic optimization; training is unchanged).
         max_loss_probes: bug detector: most batches per fit the loss probe runs on (>= 2).
         print_summary: print the findings table at the end of fit.
+        thresholds: every threshold of the rules, per family
+            (:class:`~lightning_normcheck.diagnosis.thresholds.Thresholds`, settable from YAML);
+            ``spike_factor`` and ``high_clip_rate``, when not their defaults, set
+            ``thresholds.gradients.spike_factor`` and ``thresholds.clipping.high_rate``.
 
     Raises:
         ValueError: an argument is out of range (the message names it, the value and what is allowed).
@@ -103,9 +110,12 @@ class NormCheck(_NormCheckBase):
         loss_probe: bool = True,
         max_loss_probes: int = 3,
         print_summary: bool = True,
+        thresholds: Thresholds | None = None,
     ) -> None:
-        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
         owner = type(self).__name__
+        thresholds = _with_shortcuts(owner, thresholds, spike_factor, high_clip_rate)
+        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary, thresholds=thresholds)
+        th = self.thresholds
         for arg, val in (
             ("gradients", gradients),
             ("activations", activations),
@@ -118,8 +128,8 @@ class NormCheck(_NormCheckBase):
         # every part validates its own arguments (even when switched off), naming NormCheck's argument
         parts: list[tuple[bool, _Monitor]] = [
             # data causes first: their findings exist before the gradient diagnosis runs at the same flush
-            (data, _signals._make_batch_scale(owner)),
-            (gradients, _signals._make_spikes(owner, spike_factor=spike_factor)),
+            (data, _signals._make_batch_scale(owner, th.data.input_scale)),
+            (gradients, _signals._make_spikes(owner)),
             (gradients, gradient_norm_monitor._make_monitor(owner, norm_type=norm_type, per_parameter=per_parameter)),
             (
                 activations,
@@ -141,7 +151,6 @@ class NormCheck(_NormCheckBase):
                     clip_threshold=clip_threshold,
                     clip_algorithm=clip_algorithm,
                     clip_window=clip_window,
-                    high_clip_rate=high_clip_rate,
                 ),
             ),
             (
@@ -150,6 +159,18 @@ class NormCheck(_NormCheckBase):
             ),
         ]
         self._monitors = [m for on, m in parts if on]
+
+
+def _with_shortcuts(
+    owner: str, thresholds: Thresholds | None, spike_factor: float, high_clip_rate: float
+) -> Thresholds:
+    """``thresholds`` with the two thresholds that have their own argument set from it when not the default."""
+    _check_type(owner, "thresholds", thresholds, Thresholds)
+    _check_float(owner, "spike_factor", spike_factor, low=1.0)
+    th = clip_rate_tracker.with_clip_rate(owner, thresholds, high_clip_rate) or Thresholds()
+    if float(spike_factor) != 10.0:
+        th = dataclasses.replace(th, gradients=dataclasses.replace(th.gradients, spike_factor=float(spike_factor)))
+    return th
 
 
 __all__ = ["NormCheck"]

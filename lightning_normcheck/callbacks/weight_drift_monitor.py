@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_normcheck import diagnosis as D
 from lightning_normcheck import norms as N
-from lightning_normcheck.callbacks._base import (
-    _check_bool,
-    _Monitor,
-    _NormCheckBase,
-    _Run,
-)
+from lightning_normcheck.callbacks._args import _check_bool
+from lightning_normcheck.callbacks._base import _Monitor, _NormCheckBase, _Run
+from lightning_normcheck.diagnosis.records import Record, UpdateSample, WeightSample
+from lightning_normcheck.diagnosis.thresholds import Thresholds
 
 
 class _WeightDrift(_Monitor):
@@ -31,8 +29,10 @@ class _WeightDrift(_Monitor):
         # more than the copy; CUDA's caching allocator makes a new one cheap, and keeping it would hold memory)
         self._buffers: dict[int, list[Tensor]] = {}
         self._updates: dict[int, Tensor] = {}  # id(optimizer) -> per-tensor update norms of that step
+        self._update_step: dict[int, int] = {}  # id(optimizer) -> the step whose update was measured
         self._handles: list[Any] = []
-        self.history = D.WeightHistory()
+        self._labels: list[str] = []
+        self._staged_updates: list[tuple[int, int]] = []  # (id(optimizer), its update step) staged at the flush
         self._restored_reference: list[Tensor] | None = None
 
     def setup(self, run: _Run) -> None:
@@ -63,6 +63,7 @@ class _WeightDrift(_Monitor):
             params, _, _ = run.optimizer_params(optimizer)
             key = id(optimizer)
             self._snapshot[key] = N.copy_tensors(params, into=self._buffers.pop(key, None))
+            self._update_step[key] = run.step
 
     def _make_post_hook(self, run: _Run, optimizer: torch.optim.Optimizer) -> Any:
         def post_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -89,62 +90,92 @@ class _WeightDrift(_Monitor):
             return
         n_layers = len(run.layer_names)
         present = sorted(set(self.layers))
-        labels = [run.layer_label(i) for i in present]
+        self._labels = [run.layer_label(i) for i in present]
         plan = getattr(self, "_plan", None)
         with torch.no_grad():
             w_norms = N.plan_norms(plan, self.params)
         per_layer = N.group_norms(w_norms, self.layer_index, n_layers)
-        run.add_metrics("normcheck/weight_norm/", per_layer[present], labels)
+        run.stage((self.name, "norm"), per_layer[present])
         if self.reference is not None:
-            with torch.no_grad():
-                # a kept snapshot buffer (CPU) is free until the next sampled step: the differences go there
-                scratch = next(iter(self._buffers.values()), None)
-                diffs = N.copy_tensors(self.params, into=scratch)
-                torch._foreach_sub_(diffs, self.reference)
-                drift = N.group_norms(N.plan_norms(plan, diffs), self.layer_index, n_layers)
-                cached = getattr(self, "_ref_norms", None)
-                if cached is None or cached[0] is not self.reference:  # the reference is fixed: measure it once
-                    cached = self._ref_norms = (self.reference, N.plan_norms(plan, self.reference))
-            ref = N.group_norms(cached[1], self.layer_index, n_layers)
-            run.add_metrics("normcheck/weight_drift/", (drift / ref.clamp_min(1e-12))[present], labels)
-            run.add_metrics("_weight_ref/", ref[present], labels)  # start-of-fit norms, for diagnosis
+            cached = getattr(self, "_ref_norms", None)
+            if cached is None or cached[0] is not self.reference:  # the reference is fixed: measure it once
+                cached = self._ref_norms = (self.reference, N.plan_norms(plan, self.reference))
+            # a kept snapshot buffer (CPU) is free until the next sampled step: the differences go there
+            scratch = next(iter(self._buffers.values()), None)
+            drift, ref = N.relative_drift(
+                self.params, self.reference, self.layer_index, n_layers, cached[1], plan, scratch
+            )
+            run.stage((self.name, "drift"), (drift / ref.clamp_min(1e-12))[present])
+            run.stage((self.name, "start"), ref[present])
+        self._staged_updates = []
         for opt_id, upd in list(self._updates.items()):
             opt = next((o for o in run.trainer.optimizers if id(o) == opt_id), None)
             if opt is None:
                 continue
-            params, layers, index = run.optimizer_params(opt)
-            u = N.group_norms(upd, index, n_layers)
-            if opt_id not in self._positions:  # where this optimizer's parameters sit in self.params (once per fit)
-                where = {id(p): i for i, p in enumerate(self.params)}
-                found = [where.get(id(p)) for p in params]
-                self._positions[opt_id] = (
-                    torch.tensor(found, dtype=torch.long, device=w_norms.device) if None not in found else None
-                )
-            pos = self._positions[opt_id]
-            with torch.no_grad():  # the weights after the step: the norms measured above, when they cover them
-                w_tensor = (
-                    w_norms.index_select(0, pos)
-                    if pos is not None
-                    else N.plan_norms(run._opt_plan.get(id(opt)), params)
-                )
-                w = N.group_norms(w_tensor, index, n_layers)
-            opt_present = sorted(set(layers))
-            run.add_metrics(
-                "normcheck/update_ratio/",
-                (u / w.clamp_min(1e-12))[opt_present],
-                [run.layer_label(i) for i in opt_present],
-            )
+            run.stage((self.name, "update", opt_id), self._update_ratios(run, opt, upd, w_norms))
+            self._staged_updates.append((opt_id, self._update_step.get(opt_id, run.step)))
         self._updates = {}
 
-    def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
-        D.diagnose_weights(run.findings, self.history, values, step)
+    def _update_ratios(self, run: _Run, opt: torch.optim.Optimizer, upd: Tensor, w_norms: Tensor) -> Tensor:
+        """Per-layer ``||update|| / ||w_after||`` of one optimizer's parameters (the layers it trains)."""
+        n_layers = len(run.layer_names)
+        params, layers, index = run.optimizer_params(opt)
+        u = N.group_norms(upd, index, n_layers)
+        opt_id = id(opt)
+        if opt_id not in self._positions:  # where this optimizer's parameters sit in self.params (once per fit)
+            where = {id(p): i for i, p in enumerate(self.params)}
+            found = [where.get(id(p)) for p in params]
+            self._positions[opt_id] = (
+                torch.tensor(found, dtype=torch.long, device=w_norms.device) if None not in found else None
+            )
+        pos = self._positions[opt_id]
+        with torch.no_grad():  # the weights after the step: the norms measured above, when they cover them
+            w_tensor = (
+                w_norms.index_select(0, pos) if pos is not None else N.plan_norms(run._opt_plan.get(opt_id), params)
+            )
+            w = N.group_norms(w_tensor, index, n_layers)
+        return (u / w.clamp_min(1e-12))[sorted(set(layers))]
+
+    def records(self, run: _Run, host: dict[Hashable, Any]) -> list[Record]:
+        if (self.name, "norm") not in host:
+            return []
+        step = run.flush_step
+        start = host.get((self.name, "start"))
+        drift = host.get((self.name, "drift"))
+        out: list[Record] = [
+            WeightSample(
+                step,
+                tuple(self._labels),
+                tuple(host[(self.name, "norm")]),
+                tuple(start) if start is not None else None,
+                tuple(drift) if drift is not None else None,
+            )
+        ]
+        for opt_id, at in self._staged_updates:
+            k, opt = next((i, o) for i, o in enumerate(run.trainer.optimizers) if id(o) == opt_id)
+            _, layers, _ = run.optimizer_params(opt)
+            group = opt.param_groups[0]
+            lr = float(group.get("lr", 0.0))
+            base = float(group.get("initial_lr", lr))
+            out.append(
+                UpdateSample(
+                    at,
+                    k,
+                    type(opt).__name__,
+                    lr,
+                    lr < 0.99 * base,  # below the scheduler's base LR: a warm-up
+                    tuple(run.layer_label(i) for i in sorted(set(layers))),
+                    tuple(host[(self.name, "update", opt_id)]),
+                )
+            )
+        self._staged_updates = []
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         ref = [r.detach().cpu() for r in self.reference] if self.reference is not None else None
-        return {"history": self.history.state_dict(), "reference": ref}
+        return {"reference": ref}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history.load_state_dict(state.get("history", {}))
         self._restored_reference = state.get("reference")
 
 
@@ -161,6 +192,7 @@ class WeightDriftMonitor(_NormCheckBase):
         log_every_n_steps: sampling cadence in optimizer steps (default: the Trainer's).
         track_drift: keep the start-of-fit reference and log the relative drift from it.
         print_summary: print the findings table at the end of fit.
+        thresholds: the thresholds of the rules (:class:`~lightning_normcheck.diagnosis.thresholds.Thresholds`).
 
     Example:
         >>> WeightDriftMonitor(track_drift=False)  # doctest: +ELLIPSIS
@@ -176,9 +208,13 @@ class WeightDriftMonitor(_NormCheckBase):
     """
 
     def __init__(
-        self, log_every_n_steps: int | None = None, track_drift: bool = True, print_summary: bool = True
+        self,
+        log_every_n_steps: int | None = None,
+        track_drift: bool = True,
+        print_summary: bool = True,
+        thresholds: Thresholds | None = None,
     ) -> None:
-        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
+        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary, thresholds=thresholds)
         self._monitors = [_make_monitor(type(self).__name__, track_drift=track_drift)]
 
 

@@ -1,29 +1,27 @@
-"""Diagnosis: turning measured numbers (host floats) into findings. No hooks, no Lightning here.
+"""Diagnosis: typed records in, findings out. No hooks, no Lightning, no torch here.
 
-Each monitor keeps a small ``*History`` (bounded windows, saved with checkpoints) and calls the
-matching ``diagnose_*`` function at every flush with the values it just moved to the host.
+The path: a monitor measures and builds :mod:`~lightning_normcheck.diagnosis.records`; the
+:class:`~lightning_normcheck.diagnosis.engine.Diagnosis` runs one rule family per module over them
+(thresholds from :mod:`~lightning_normcheck.diagnosis.thresholds`); findings are recorded in a
+:class:`~lightning_normcheck.diagnosis.findings.FindingLog`, worded through the code registry
+(:mod:`~lightning_normcheck.diagnosis.registry`).
 """
 
-from lightning_normcheck.diagnosis.pathologies import (
-    ActivationHistory,
-    ClipHistory,
-    GradientHistory,
-    WeightHistory,
-    diagnose_activations,
-    diagnose_clipping,
-    diagnose_gradients,
-    diagnose_weights,
-    explain_exception,
-)
+from lightning_normcheck.diagnosis.engine import Diagnosis, Flush, Rules, run_rules
+from lightning_normcheck.diagnosis.findings import Finding, FindingLog
+from lightning_normcheck.diagnosis.registry import CODES, REGISTRY, CodeSpec, compose
+from lightning_normcheck.diagnosis.thresholds import Thresholds
 
 __all__ = [
-    "ActivationHistory",
-    "ClipHistory",
-    "GradientHistory",
-    "WeightHistory",
-    "diagnose_activations",
-    "diagnose_clipping",
-    "diagnose_gradients",
-    "diagnose_weights",
-    "explain_exception",
+    "CODES",
+    "REGISTRY",
+    "CodeSpec",
+    "Diagnosis",
+    "Finding",
+    "FindingLog",
+    "Flush",
+    "Rules",
+    "Thresholds",
+    "compose",
+    "run_rules",
 ]

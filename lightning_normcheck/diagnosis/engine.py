@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -102,14 +102,35 @@ class Diagnosis:
     Args:
         thresholds: the thresholds of every family (default: the documented defaults).
         log: the finding log to report to (default: a new one).
+        on_error: when given, a family that raises is switched off and ``on_error(family, error)`` is called
+            (the callbacks warn once); without it the error propagates.
     """
 
     VERSION = 1
 
-    def __init__(self, thresholds: Thresholds | None = None, log: FindingLog | None = None) -> None:
+    def __init__(
+        self,
+        thresholds: Thresholds | None = None,
+        log: FindingLog | None = None,
+        on_error: Callable[[Rules, Exception], None] | None = None,
+    ) -> None:
         self.ctx = Context(thresholds or Thresholds())
         self.log = log if log is not None else FindingLog()
         self.rules: list[Rules] = [cls(self.ctx, self.log) for cls in _families()]
+        self.on_error = on_error
+        self.disabled: list[str] = []
+
+    def _each(self, method: str, *args: Any) -> None:
+        for r in list(self.rules):
+            if self.on_error is None:
+                getattr(r, method)(*args)
+                continue
+            try:
+                getattr(r, method)(*args)
+            except Exception as err:  # noqa: BLE001 - one family's failure must not end the others
+                self.rules.remove(r)
+                self.disabled.append(r.name)
+                self.on_error(r, err)
 
     @property
     def thresholds(self) -> Thresholds:
@@ -119,21 +140,18 @@ class Diagnosis:
         """A fit starts: what the rules need to know about the run."""
         self.ctx.run = run
         self.ctx.init = init
-        for r in self.rules:
-            r.start()
+        self._each("start")
 
     def observe(self, step: int, records: Iterable[Record]) -> None:
         """Judge the records of one logging step (``step``: the step they were flushed at)."""
         flush = Flush(int(step), tuple(records))
         if not flush.records:
             return
-        for r in self.rules:
-            r.observe(flush)
+        self._each("observe", flush)
 
     def explain(self, error: TrainingError) -> None:
         """Training raised: each family ties the exception to what it found before."""
-        for r in self.rules:
-            r.explain(error)
+        self._each("explain", error)
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": self.VERSION, "rules": {r.name: r.state_dict() for r in self.rules}}
