@@ -17,7 +17,7 @@ import logging
 import numbers
 import sys
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -25,19 +25,20 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_normcheck.callbacks import _emission
-from lightning_normcheck.callbacks._args import _check_bool, _check_int, _check_type
+from lightning_normcheck.callbacks._args import _check_bool, _check_choice, _check_int, _check_type
 from lightning_normcheck.callbacks._isolation import _Isolation, failure_message, rank_zero_warn
 from lightning_normcheck.callbacks._run import EARLY_STEPS, _Run, compiled_prefixes, in_prefixes
 from lightning_normcheck.diagnosis.engine import Diagnosis, Rules
 from lightning_normcheck.diagnosis.findings import Finding
+from lightning_normcheck.diagnosis.registry import SEVERITIES
 from lightning_normcheck.diagnosis.records import Record, RunInfo, TrainingError
 from lightning_normcheck.diagnosis.thresholds import Thresholds
 
 log = logging.getLogger("lightning_normcheck")
 
-#: Arguments that change how findings are shown, not what is measured: left out of the checkpoint key, so a
-#: run resumed with ``print_summary=False`` finds its state.
-COSMETIC_ARGS = frozenset({"print_summary"})
+#: Arguments that change how findings are shown or acted on, not what is measured or concluded: left out of
+#: the checkpoint key, so a run resumed with ``print_summary=False`` or another ``stop_on`` finds its state.
+COSMETIC_ARGS = frozenset({"print_summary", "stop_on"})
 
 
 def _plain(obj: Any) -> Any:
@@ -156,14 +157,21 @@ class _NormCheckBase(_Isolation, Callback):
         return self._generate_state_key(**{k: args[k] for k in sorted(args)})
 
     def __init__(
-        self, log_every_n_steps: int | None = None, print_summary: bool = True, thresholds: Thresholds | None = None
+        self,
+        log_every_n_steps: int | None = None,
+        print_summary: bool = True,
+        thresholds: Thresholds | None = None,
+        stop_on: Literal["warning", "error"] | None = None,
     ) -> None:
         owner = type(self).__name__
         _check_int(owner, "log_every_n_steps", log_every_n_steps, 1, allow_none=True)
         _check_bool(owner, "print_summary", print_summary)
         _check_type(owner, "thresholds", thresholds, Thresholds)
+        _check_choice(owner, "stop_on", stop_on, (None, "warning", "error"))
         self.log_every_n_steps = log_every_n_steps
         self.print_summary = print_summary
+        self.stop_on = stop_on
+        self.stopped_by: Finding | None = None  # the finding that stopped training (``stop_on``)
         self.thresholds = thresholds if thresholds is not None else Thresholds()
         self._diagnosis = Diagnosis(self.thresholds, on_error=self._rules_failed)
         self._findings = self._diagnosis.log
@@ -308,8 +316,40 @@ class _NormCheckBase(_Isolation, Callback):
         if run.flush_due:
             run.flush_due = False
             self._safely(self._flush, run.flush_step)
+            if self.stop_on is not None:
+                self._maybe_stop(trainer)
         # the optimizer is done with these gradients: holding them would keep a copy alive past zero_grad
         run._grad_cache = {}
+
+    def _maybe_stop(self, trainer: pl.Trainer) -> None:
+        """Stop at the end of this step when a finding of ``stop_on`` severity or worse exists on any rank.
+
+        Decided at logging steps only, which every rank reaches together (one collective there under DDP, as
+        Lightning's EarlyStopping does), so no rank waits for another."""
+        worst = self._worst_finding()
+        should_stop = trainer.strategy.reduce_boolean_decision(worst is not None, all=False)
+        if not should_stop or trainer.should_stop:
+            trainer.should_stop = trainer.should_stop or should_stop
+            return
+        trainer.should_stop = True
+        self.stopped_by = worst
+        if trainer.is_global_zero:
+            what = (
+                f"{worst.severity} {worst.code}" + (f" [{worst.layer}]" if worst.layer else "")
+                if worst
+                else "another rank's finding"
+            )
+            print(
+                f"lightning_normcheck: stopping training at step {trainer.global_step}: {what}"
+                f" (stop_on={self.stop_on!r}).",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _worst_finding(self) -> Finding | None:
+        floor = SEVERITIES.index(self.stop_on)  # type: ignore[arg-type]
+        found = [f for f in self._findings.findings if SEVERITIES.index(f.severity) >= floor]
+        return min(found, key=lambda f: (-SEVERITIES.index(f.severity), f.step), default=None)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run = self._run

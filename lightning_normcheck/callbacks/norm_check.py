@@ -64,6 +64,10 @@ class NormCheck(_NormCheckBase):
             (:class:`~lightning_normcheck.diagnosis.thresholds.Thresholds`, settable from YAML);
             ``spike_factor`` and ``high_clip_rate``, when not their defaults, set
             ``thresholds.gradients.spike_factor`` and ``thresholds.clipping.high_rate``.
+        stop_on: ``None`` (default: never stop), ``"warning"`` or ``"error"``: when a finding of that
+            severity or worse exists at a logging step, training stops cleanly at the end of that step
+            (``trainer.should_stop``, decided the same way on every rank) and one line names the finding;
+            ``trainer.fit`` returns normally, :attr:`stopped_by` holds the finding.
 
     Raises:
         ValueError: an argument is out of range (the message names it, the value and what is allowed).
@@ -82,6 +86,9 @@ class NormCheck(_NormCheckBase):
               init_args:
                 log_every_n_steps: 25
                 exclude_types: [LayerNorm]
+                stop_on: error          # stop a doomed run at its first error finding
+                thresholds:
+                  activations: {dead_fraction: 0.7}
     """
 
     def __init__(
@@ -111,10 +118,13 @@ class NormCheck(_NormCheckBase):
         max_loss_probes: int = 3,
         print_summary: bool = True,
         thresholds: Thresholds | None = None,
+        stop_on: Literal["warning", "error"] | None = None,
     ) -> None:
         owner = type(self).__name__
         thresholds = _with_shortcuts(owner, thresholds, spike_factor, high_clip_rate)
-        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary, thresholds=thresholds)
+        super().__init__(
+            log_every_n_steps=log_every_n_steps, print_summary=print_summary, thresholds=thresholds, stop_on=stop_on
+        )
         th = self.thresholds
         for arg, val in (
             ("gradients", gradients),
