@@ -30,8 +30,8 @@ from lightning_normcheck.callbacks._isolation import _Isolation, failure_message
 from lightning_normcheck.callbacks._run import EARLY_STEPS, _Run, compiled_prefixes, in_prefixes
 from lightning_normcheck.diagnosis.engine import Diagnosis, Rules
 from lightning_normcheck.diagnosis.findings import Finding
-from lightning_normcheck.diagnosis.registry import SEVERITIES
 from lightning_normcheck.diagnosis.records import Record, RunInfo, TrainingError
+from lightning_normcheck.diagnosis.registry import SEVERITIES
 from lightning_normcheck.diagnosis.thresholds import Thresholds
 
 log = logging.getLogger("lightning_normcheck")
