@@ -12,7 +12,9 @@ Example:
     >>> from torch.utils.data import DataLoader, TensorDataset
     >>> from lightning_normcheck.demo import DemoModel
     >>> data = DataLoader(TensorDataset(torch.randn(64, 16), torch.randn(64, 1)), batch_size=16)
-    >>> assert_healthy(DemoModel(depth=2, width=16), data, steps=8)
+    >>> findings = assert_healthy(DemoModel(depth=2, width=16), data, steps=8)
+    >>> [f.code for f in findings if f.severity != "info"]
+    []
 """
 
 from __future__ import annotations

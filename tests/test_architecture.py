@@ -91,7 +91,7 @@ def _fit_input_run(cb: NormCheck) -> list[float]:
     class Model(LitModel):
         def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
             loss = super().training_step(batch, batch_idx)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             return loss
 
     torch.manual_seed(0)
@@ -161,7 +161,7 @@ def test_thresholds_from_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_state_key_ignores_cosmetic_arguments() -> None:
-    assert NormCheck(print_summary=False).state_key == NormCheck().state_key == "NormCheck"
+    assert NormCheck(print_summary=False).state_key == NormCheck().state_key == "NormCheck{}"
     assert NormCheck(activations=False).state_key != NormCheck().state_key
     same = Thresholds(data=dataclasses.replace(DataThresholds()))
     assert NormCheck(thresholds=same).state_key == NormCheck().state_key  # the default thresholds, spelled out

@@ -14,8 +14,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_normcheck import NormCheck
+from lightning_normcheck.callbacks import _graph as G
 from lightning_normcheck.callbacks.training_bug_detector import TrainingBugDetector, _make_monitor
-from lightning_normcheck.diagnosis import bugs as B
+from lightning_normcheck.diagnosis.thresholds import BugThresholds, Thresholds
 
 
 def detector() -> TrainingBugDetector:
@@ -147,6 +148,13 @@ def test_double_step_nested_and_when_it_makes_training_raise() -> None:
     f = finding(cb, "double_optimizer_step")
     assert "Training then raised" in f.message
     assert "hidden_state_not_detached" not in codes(cb.findings)  # the extra step explains the error
+
+
+def test_double_step_threshold_reaches_the_rules() -> None:
+    """BugThresholds given to the callback decide: 6 raw extra steps stay below double_step_min=10."""
+    cb = TrainingBugDetector(print_summary=False, thresholds=Thresholds(bugs=BugThresholds(double_step_min=10)))
+    fit(LitModel(mlp(), optimizer="adam"), loader(regression_data()), [ExtraStep(), cb], max_steps=6)
+    assert "double_optimizer_step" not in codes(cb.findings)
 
 
 def test_healthy_skipped_batches() -> None:
@@ -339,6 +347,52 @@ def test_probe_with_training_step_without_batch_idx() -> None:
     assert "loss_sum_reduction" in codes(cb.findings)
 
 
+PROBE_CALLS: list[int] = []  # module level: the probe restores the model's own list attributes
+
+
+def test_probe_runs_on_max_loss_probes_batches_after_the_verdict_too() -> None:
+    """The monitor probes its first max_loss_probes batches; the rules decide at the second agreeing one."""
+
+    class Counting(LitModel):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if not torch.is_grad_enabled():
+                PROBE_CALLS.append(batch_idx)  # the probe: half A, half B, both
+            return super().training_step(batch, batch_idx)
+
+    PROBE_CALLS.clear()
+    cb = detector()
+    fit(Counting(mlp(), loss=sum_mse, lr=1e-3), loader(regression_data()), [cb], max_steps=6)
+    assert PROBE_CALLS == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    f = finding(cb, "loss_sum_reduction")
+    assert (f.step, f.since, len(f.extra["ratios"])) == (1, 0, 2)
+    PROBE_CALLS.clear()
+    fit(
+        Counting(mlp(), loss=sum_mse, lr=1e-3),
+        loader(regression_data()),
+        [TrainingBugDetector(max_loss_probes=2, print_summary=False)],
+    )
+    assert PROBE_CALLS == [0, 0, 0, 1, 1, 1]
+
+
+def test_graph_helpers() -> None:
+    """The autograd-graph helpers moved to callbacks/_graph.py, on real graphs."""
+    x = torch.ones(3, requires_grad=True)
+    base = (x**2).mean()
+    assert G.loss_scale_factor(base.grad_fn) == 1.0
+    assert G.loss_scale_factor((base / 4).grad_fn) == pytest.approx(0.25)
+    assert G.loss_scale_factor((0.5 * base).grad_fn) == pytest.approx(0.5)
+    assert G.loss_scale_factor((base / 4 + base / 2).grad_fn) == pytest.approx(0.5)  # the largest term
+    assert G.loss_scale_factor((base / x.sum()).grad_fn) is None  # a divisor that requires grad
+    assert G.graph_signature((x**2).mean().grad_fn) == G.graph_signature(base.grad_fn)
+    assert G.graph_signature(x.abs().mean().grad_fn) != G.graph_signature(base.grad_fn)
+    old = torch.tanh(x)  # built before the marker: a state from an earlier batch
+    marker = (torch.zeros((), requires_grad=True) * 1.0).grad_fn._sequence_nr()  # type: ignore[union-attr]
+    carried, fresh = (old * 2).sum(), (x * 2).sum()
+    assert type(G.oldest_node(carried.grad_fn, marker)).__name__ == "TanhBackward0"
+    assert G.oldest_node(fresh.grad_fn, marker) is None  # the leaf's AccumulateGrad never matches
+    assert G.split_batch((torch.arange(6), ["a", "b", "c", "d", "e", "f"]))[1][1] == ["d", "e", "f"]  # type: ignore[index]
+
+
 def test_unsplittable_batch_is_skipped() -> None:
     class Dictionary(LitModel):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -349,8 +403,8 @@ def test_unsplittable_batch_is_skipped() -> None:
     cb = detector()
     fit(Dictionary(mlp()), loader(data), [cb], max_steps=4)  # type: ignore[arg-type]  # dict batches split
     assert "loss_sum_reduction" in codes(cb.findings)
-    assert B.split_batch({"x": torch.zeros(4, 2), "y": torch.zeros(3)}) is None
-    assert B.split_batch(torch.zeros(3, 2)) is None  # halves of one sample: BatchNorm could not take them
+    assert G.split_batch({"x": torch.zeros(4, 2), "y": torch.zeros(3)}) is None
+    assert G.split_batch(torch.zeros(3, 2)) is None  # halves of one sample: BatchNorm could not take them
 
 
 # accumulation_not_averaged -------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ class ManualNoZeroGrad(LitModel):
     """The bug a user writes: manual optimization without ``opt.zero_grad()``."""
 
     def __init__(self, zero_grad: bool = False) -> None:
-        super().__init__(mlp(8, 32, 2, 1), lr=0.01)
+        super().__init__(mlp(8, 32, 2, 1), lr=0.05)
         self.automatic_optimization = False
         self.zero = zero_grad
 

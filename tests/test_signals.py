@@ -8,6 +8,7 @@ recorded by a separate callback (``torch.nn.utils.get_total_norm``).
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from typing import Any
 
@@ -20,9 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_normcheck import GradientNormMonitor, NormCheck
-from lightning_normcheck.diagnosis import data as DD
+from lightning_normcheck.diagnosis.thresholds import ClipThresholds, GradientThresholds
 
 MINE = {"input_scale", "label_scale", "gradient_spikes"}
+SPIKES = GradientThresholds()  # the default spike thresholds
 
 
 # --- fixtures ------------------------------------------------------------------------------------------------
@@ -53,8 +55,8 @@ def tabular(n: int = 320, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torc
 def independent_ratio(totals: list[float], step: int) -> float:
     """Norm / baseline: the larger of the medians of the previous 50 and the previous 8 steps with gradients."""
     before = [v for v in totals[:step] if v > 0]
-    window = before[-DD.SPIKE_WINDOW :]
-    return totals[step] / max(statistics.median(window), statistics.median(window[-DD.SPIKE_RECENT :]))
+    window = before[-SPIKES.spike_window :]
+    return totals[step] / max(statistics.median(window), statistics.median(window[-SPIKES.spike_recent :]))
 
 
 def finding(cb: Any, code: str) -> Any:
@@ -168,7 +170,7 @@ def test_raw_features_behind_a_first_batchnorm_are_info_only() -> None:
 
 @pytest.mark.parametrize("shape", [(16, 5), (4, 6, 5), (2, 5, 3, 4)])
 def test_feature_stats_match_an_independent_computation(shape: tuple[int, ...]) -> None:
-    from lightning_normcheck.callbacks._signals import _input_stats
+    from lightning_normcheck.norms import feature_stats
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -178,7 +180,7 @@ def test_feature_stats_match_an_independent_computation(shape: tuple[int, ...]) 
     view[axis] = 5
     x = x * scale.reshape(view)
     cols = x.movedim(axis, -1).reshape(-1, 5).numpy()  # feature columns, the plain way
-    stats = _input_stats(x.float(), 1e3)
+    stats = feature_stats(x.float(), 1e3)
     order = sorted(range(5), key=lambda j: -abs(cols[:, j]).max())[:3]
     assert stats["idx"].tolist() == order
     for i, j in enumerate(order):
@@ -370,7 +372,9 @@ def test_gradient_spikes_corrupted_label() -> None:
     cb = NormCheck(print_summary=False)
     fit(LitModel(mlp(), lr=1e-2), loader(corrupted(1000.0)), [rec, cb], max_steps=60, log_every_n_steps=10)
     f = finding(cb, "gradient_spikes")
-    assert f.severity == "warning" and f.step == 17 and f.count == 2
+    # known when step 17 fell back (within spike_fallback_steps), the evidence starting at the spike
+    assert f.severity == "warning" and f.since == 17 and 17 < f.step <= 17 + SPIKES.spike_fallback_steps
+    assert f.count == 2
     assert f.extra["steps"] == [17, 40] and f.extra["batches"] == ["epoch 0, batch 17", "epoch 0, batch 40"]
     ratios = [independent_ratio(rec.totals, s) for s in (17, 40)]
     assert all(r > 50 for r in ratios)
@@ -378,8 +382,8 @@ def test_gradient_spikes_corrupted_label() -> None:
     assert f"step 17 (epoch 0, batch 17, {ratios[0]:.3g}x" in f.message
     assert "most likely first: a corrupted target" in f.message  # float targets: regression causes first
     assert "gradient_clip_val=1.0" in f.message and "class weights" in f.message
-    others = [s for s in range(DD.SPIKE_MIN_HISTORY, 60) if s not in (17, 40)]
-    assert max(independent_ratio(rec.totals, s) for s in others) < DD.SPIKE_FACTOR
+    others = [s for s in range(SPIKES.spike_min_history, 60) if s not in (17, 40)]
+    assert max(independent_ratio(rec.totals, s) for s in others) < SPIKES.spike_factor
     assert "Nothing clips the gradients: clip them, gradient_clip_val=1.0" in f.message
     # the newest value of the step-40 flush is the spike: 100x+ the window minimum, rising into it; it falls
     # back right after, so it is a spike and not a geometric explosion
@@ -442,7 +446,7 @@ def test_clean_runs_have_no_spikes(bs: int) -> None:
     cb = GradientNormMonitor(print_summary=False)
     fit(LitModel(mlp(), lr=1e-2), loader(TensorDataset(x, y), bs), [rec, cb], max_steps=steps, log_every_n_steps=10)
     assert not [f for f in cb.findings if f.code == "gradient_spikes"]
-    assert max(independent_ratio(rec.totals, s) for s in range(DD.SPIKE_MIN_HISTORY, steps)) < DD.SPIKE_FACTOR
+    assert max(independent_ratio(rec.totals, s) for s in range(SPIKES.spike_min_history, steps)) < SPIKES.spike_factor
 
 
 def test_balanced_classes_small_batch_no_spikes() -> None:
@@ -459,21 +463,37 @@ def test_balanced_classes_small_batch_no_spikes() -> None:
 
 
 def test_spike_history_steady_climb_is_not_a_spike() -> None:
-    h = DD.SpikeHistory()
-    climb = [(s, 1.3**s) for s in range(60)]  # exploding: never falls back
-    assert h.update(climb, lambda s: "") == [] and h.count == 0
-    h = DD.SpikeHistory()
-    plateau = [(s, 0.01 if s < 12 else 1.0 + 0.05 * (s % 2)) for s in range(40)]  # e.g. a zero-init head waking up
-    assert h.update(plateau, lambda s: "") == [] and h.count == 0
-    h = DD.SpikeHistory()
-    series = [(s, 100.0 if s in (20, 33) else 1.0 + 0.1 * (s % 3)) for s in range(40)]
-    assert [sp.step for sp in h.update(series, lambda s: f"batch {s}")] == [20, 33]
-    assert h.spikes[0].factor == pytest.approx(100.0 / statistics.median([1.0 + 0.1 * (s % 3) for s in range(20)]))
-    h2 = DD.SpikeHistory()  # a spike in the last step is pending and survives a checkpoint
-    h.update([(40, 500.0)], lambda s: "")
+    from lightning_normcheck.diagnosis.engine import Context, Flush
+    from lightning_normcheck.diagnosis.findings import FindingLog
+    from lightning_normcheck.diagnosis.records import GradientTotals
+    from lightning_normcheck.diagnosis.spikes import SpikeRules
+    from lightning_normcheck.diagnosis.thresholds import Thresholds
+
+    def rules() -> SpikeRules:
+        return SpikeRules(Context(Thresholds()), FindingLog())
+
+    def feed(r: SpikeRules, series: list[tuple[int, float]]) -> None:
+        steps, values = zip(*series)
+        r.observe(Flush(steps[-1], (GradientTotals(steps, values, (0,) * len(steps)),)))
+
+    h = rules()
+    feed(h, [(s, 1.3**s) for s in range(60)])  # exploding: never falls back
+    assert not h.log.findings
+    h = rules()
+    feed(h, [(s, 0.01 if s < 12 else 1.0 + 0.05 * (s % 2)) for s in range(40)])  # a zero-init head waking up
+    assert not h.log.findings
+    h = rules()
+    feed(h, [(s, 100.0 if s in (20, 33) else 1.0 + 0.1 * (s % 3)) for s in range(40)])
+    f = h.log.get("gradient_spikes")
+    assert f is not None and f.extra["steps"] == [20, 33]
+    median = statistics.median([1.0 + 0.1 * (s % 3) for s in range(20)])
+    assert f.value == pytest.approx(100.0 / median) and f.extra["factors"][0] == pytest.approx(100.0 / median, rel=1e-3)
+    h2 = rules()  # a spike in the last step is pending and survives a checkpoint
+    feed(h, [(40, 500.0)])
     h2.load_state_dict(h.state_dict())
-    assert [sp.step for sp in h2.update([(41, 1.0)], lambda s: "")] == [40]
-    assert h2.count == 3 and list(h2.window)[-1] == 1.0
+    feed(h2, [(41, 1.0)])
+    assert h2.windows[0].count == 3 and [s.step for s in h2.windows[0].spikes] == [20, 33, 40]
+    assert list(h2.windows[0].window)[-1] == 1.0
 
 
 def test_burst_of_bad_batches_that_falls_back_is_not_an_explosion() -> None:
@@ -495,16 +515,15 @@ def test_burst_of_bad_batches_that_falls_back_is_not_an_explosion() -> None:
 def test_exploding_gradients_needs_growth_that_persists() -> None:
     """One high newest value is a spike (it falls back); a geometric climb is found one step after it passes
     the threshold, and a two-step rise to a new level is found too."""
-    from lightning_normcheck.diagnosis import pathologies as P
-    from lightning_normcheck.findings import FindingLog
+    from test_rules_gradients import Rig, totals
 
     def growth(series: list[float], flush_every: int = 1) -> list[Any]:
-        log, hist = FindingLog(), P.GradientHistory()
+        rig = Rig()
         pairs = list(enumerate(series))
         for i in range(0, len(pairs), flush_every):
             chunk = pairs[i : i + flush_every]
-            P.diagnose_gradients(log, hist, chunk, {}, chunk[-1][0], [])
-        return [f for f in log.findings if f.code == "exploding_gradients"]
+            rig.feed(chunk[-1][0], totals(chunk))
+        return rig.log.of("exploding_gradients")
 
     flat = [1.0 + 0.1 * (s % 3) for s in range(30)]
     assert growth(flat[:29] + [300.0]) == []  # the spike is the newest value: not judged an explosion
@@ -512,7 +531,7 @@ def test_exploding_gradients_needs_growth_that_persists() -> None:
     assert growth(flat[:20] + [300.0] + flat[21:]) == []  # and it falls back
     climb = [1.0 * 2.0**s for s in range(20)]  # 2x per step: past 100x at step 7 (128) over step 0
     (f,) = growth(climb)
-    assert f.step == 0 and "256 at step 8" in f.message  # found at step 8: steps 7 and 8 both past 100x
+    assert (f.step, f.since) == (8, 0) and "256 at step 8" in f.message  # steps 7 and 8 both past 100x
     (f,) = growth(flat[:20] + [300.0, 320.0, 310.0])  # a rise to a new level that stays
     assert "320 at step 21" in f.message
 
@@ -539,7 +558,7 @@ def test_two_optimizers_are_judged_each_on_its_own_scale() -> None:
     fit(TwoOptimizers(), loader(TensorDataset(*tabular(640))), [rec, cb], max_steps=40, log_every_n_steps=10)
     a, b = rec.totals[0], rec.totals[1]
     assert len(a) == len(b) == 20
-    assert statistics.median(b) / statistics.median(a) > 10 * DD.SPIKE_FACTOR  # mixed, b would look like spikes
+    assert statistics.median(b) / statistics.median(a) > 10 * SPIKES.spike_factor  # mixed, b would look like spikes
     assert bad(cb.findings) == [], [str(f) for f in bad(cb.findings)]
 
 
@@ -553,13 +572,15 @@ def test_two_optimizers_spike_of_one_optimizer_is_found() -> None:
     fit(TwoOptimizers(), loader(ds), [rec, cb], max_steps=40, log_every_n_steps=10)
     f = finding(cb, "gradient_spikes")
     assert f.severity == "warning"
-    spiked = [k for k in (0, 1) if independent_ratio(rec.totals[k], 15) > DD.SPIKE_FACTOR]
+    spiked = [k for k in (0, 1) if independent_ratio(rec.totals[k], 15) > SPIKES.spike_factor]
     assert spiked and f.extra["steps"] == [2 * 15 + k for k in spiked]  # two optimizer steps per batch
     for k, factor in zip(spiked, f.extra["factors"]):
         assert factor == pytest.approx(independent_ratio(rec.totals[k], 15), rel=1e-3)
         assert f"step {2 * 15 + k} (epoch 0, batch 15, optimizer {k} (Adam)" in f.message
-    others = [independent_ratio(rec.totals[k], b) for k in (0, 1) for b in range(DD.SPIKE_MIN_HISTORY, 20) if b != 15]
-    assert max(others) < DD.SPIKE_FACTOR
+    others = [
+        independent_ratio(rec.totals[k], b) for k in (0, 1) for b in range(SPIKES.spike_min_history, 20) if b != 15
+    ]
+    assert max(others) < SPIKES.spike_factor
     assert "exploding_gradients" not in {g.code for g in cb.findings}
 
 
@@ -605,8 +626,7 @@ def test_trainer_value_clipping_is_read_as_value_clipping() -> None:
     assert "max |gradient entry|" in f.message and "total gradient norm" not in f.message
     clipped = [m for m in rec.maxes[: f.step + 1] if m > 0.5]
     assert f"clipped on {len(clipped) / (f.step + 1):.0%}" in f.message
-    spikes = next(m for m in cb._monitors if m.name == "gradient_spikes")
-    assert spikes.clip_algorithm == "value"
+    assert cb._diagnosis.ctx.run.clip_algorithm == "value"  # what the spike and clipping rules are told
 
 
 def test_rising_norm_during_warmup_is_not_a_spike() -> None:
@@ -620,10 +640,12 @@ def test_rising_norm_during_warmup_is_not_a_spike() -> None:
     fit(OneCycleAdamW(mlp(width=64, depth=4)), reg(n=4096), [rec, cb], max_steps=150, log_every_n_steps=50)
     t = rec.totals
     long_only = [
-        s for s in range(DD.SPIKE_MIN_HISTORY, 150) if t[s] > DD.SPIKE_FACTOR * statistics.median(t[max(0, s - 50) : s])
+        s
+        for s in range(SPIKES.spike_min_history, 150)
+        if t[s] > SPIKES.spike_factor * statistics.median(t[max(0, s - 50) : s])
     ]
     assert long_only, "the 50-step median alone would call the warm-up bursts spikes"
-    assert max(independent_ratio(t, s) for s in range(DD.SPIKE_MIN_HISTORY, 150)) < DD.SPIKE_FACTOR
+    assert max(independent_ratio(t, s) for s in range(SPIKES.spike_min_history, 150)) < SPIKES.spike_factor
     assert bad(cb.findings) == [], [str(f) for f in bad(cb.findings)]
 
 
@@ -677,9 +699,13 @@ def test_hint_clipping_on_most_steps(below: float) -> None:
         gradient_clip_val=clip,
     )
     hint = finding(cb, "high_clip_rate")
-    rate = sum(v > clip for v in rec.totals) / len(rec.totals)
-    assert rate > DD.CLIP_MOST and f"acts on {100 * rate:.0f}% of the last 20 steps" in hint.message
-    assert "lower the LR" in hint.message and hint.extra["hints"] == ["clipping_most"]
+    # the hint is given once, at the first flush with clip_min_steps totals: its rate is over those steps
+    seen = re.search(r"acts on (\d+)% of the last (\d+) steps", hint.message)
+    assert seen is not None and int(seen.group(2)) >= ClipThresholds().clip_min_steps
+    n = int(seen.group(2))
+    rate = sum(v > clip for v in rec.totals[:n]) / n
+    assert rate >= ClipThresholds().high_rate and seen.group(1) == f"{100 * rate:.0f}"
+    assert "lower the LR" in hint.message and hint.extra["notes"] == ["clipping_most"]
     assert hint.severity == ("info" if below < 3 else "error")
 
 
@@ -716,7 +742,7 @@ def test_arguments_are_validated_and_data_can_be_switched_off() -> None:
     assert names[:2] == ["batch_scale", "gradient_spikes"]  # first: their findings precede the gradient diagnosis
     assert "batch_scale" not in [m.name for m in NormCheck(data=False)._monitors]
     assert "gradient_spikes" in [m.name for m in GradientNormMonitor()._monitors]
-    assert math.isclose(NormCheck(spike_factor=20)._monitors[1].factor, 20.0)
+    assert math.isclose(NormCheck(spike_factor=20).thresholds.gradients.spike_factor, 20.0)
 
 
 def test_batch_hooks_do_not_sync_with_the_host(monkeypatch: pytest.MonkeyPatch) -> None:

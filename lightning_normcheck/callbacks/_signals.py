@@ -205,12 +205,16 @@ class _GradientSpikes(_Monitor):
 
     def __init__(self) -> None:
         self._batches: OrderedDict[int, tuple[int, int, int]] = OrderedDict()  # step -> (epoch, first, last)
+        self.task: str | None = None  # from the first batch
 
     def setup(self, run: _Run) -> None:
         self._batches = OrderedDict()
+        self.task = None
 
     def on_train_batch_start(self, run: _Run, batch: Any, batch_idx: int) -> None:
         step = run.step
+        if self.task is None:
+            self.task = _task_of(batch)
         epoch = int(run.trainer.current_epoch)
         old = self._batches.get(step)
         self._batches[step] = (epoch, old[1], batch_idx) if old and old[0] == epoch else (epoch, batch_idx, batch_idx)
@@ -227,7 +231,7 @@ class _GradientSpikes(_Monitor):
         # the current step's batch may get more micro-batches: keep it for the next logging step too
         last = next(reversed(self._batches))
         self._batches = OrderedDict((s, v) for s, v in self._batches.items() if s == last)
-        return [StepBatches(described)]
+        return [StepBatches(described, self.task or "")]
 
 
 def _make_batch_scale(owner: str, input_scale: float) -> _BatchScale:

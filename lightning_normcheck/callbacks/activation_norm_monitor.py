@@ -160,14 +160,11 @@ class _ActivationNorms(_Monitor):
 
     def on_train_start(self, run: _Run) -> None:
         # the weight scale of every hooked Linear/Conv at the start of fit, for init advice (one transfer)
+        weights = {n: getattr(m, "weight", None) for n, m in self.modules.items() if self.kinds[n] == "weight"}
         layers = [
-            (name, m.weight)
-            for name, m in self.modules.items()
-            if self.kinds[name] == "weight"
-            and isinstance(getattr(m, "weight", None), Tensor)
-            and m.weight.dim() >= 2
-            and m.weight.is_floating_point()
-            and m.weight.numel() >= 2
+            (name, w)
+            for name, w in weights.items()
+            if isinstance(w, Tensor) and w.dim() >= 2 and w.is_floating_point() and w.numel() >= 2
         ]
         stds, fan_in, fan_out = N.init_stats([w for _, w in layers])
         values = stds.cpu().tolist()

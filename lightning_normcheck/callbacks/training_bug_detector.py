@@ -1,9 +1,26 @@
 """TrainingBugDetector: plain training-loop bugs (missing zero_grad, double step, summed loss,
-unaveraged accumulation, undetached RNN state)."""
+unaveraged accumulation, undetached RNN state).
+
+The monitor only measures and hands over records (:mod:`lightning_normcheck.diagnosis.records`); every
+verdict is made by :class:`~lightning_normcheck.diagnosis.bugs.BugRules`:
+
+- :class:`~.records.ZeroGradWindow`: per closed window of an observed step, the smallest watched-gradient
+  norm seen before a backward and the norm the previous step used (staged, moved at the logging step).
+- :class:`~.records.OptimizerSteps`: each time a step comes with no backward since the previous one (at
+  once: training may raise right after).
+- :class:`~.records.AccumulationWindow`: per closed window in manual optimization (host numbers, handed
+  over at the logging step).
+- :class:`~.records.ReductionProbe`: each two-halves probe's three losses (staged).
+- :class:`~.records.StaleState`: a recurrent state that carries an earlier batch's graph (at once).
+- :class:`~.records.TrainingError`: on an exception, the batches, RNN modules, stale modules, extra steps.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
+from collections.abc import Hashable
 from contextlib import nullcontext
 from typing import Any
 
@@ -12,21 +29,32 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor, nn
 
 from lightning_normcheck import norms as N
-from lightning_normcheck.callbacks._base import (
-    _check_bool,
-    _check_int,
-    _Monitor,
-    _NormCheckBase,
-    _Run,
-    compiled_prefixes,
+from lightning_normcheck.callbacks import _graph as G
+from lightning_normcheck.callbacks._args import _check_bool, _check_int
+from lightning_normcheck.callbacks._base import _Monitor, _NormCheckBase, _Run
+from lightning_normcheck.callbacks._run import compiled_prefixes
+from lightning_normcheck.diagnosis.records import (
+    AccumulationWindow,
+    OptimizerSteps,
+    Record,
+    ReductionProbe,
+    StaleState,
+    TrainingError,
+    ZeroGradWindow,
 )
-from lightning_normcheck.diagnosis import bugs as B
+from lightning_normcheck.diagnosis.thresholds import BugThresholds, Thresholds
 
 #: Parameters watched per optimizer (the first two and the last two that train): enough to see every
 #: backward pass that reaches the optimizer, cheap enough for every backward (one Python call each).
 WATCHED_PER_OPTIMIZER = 4
 #: Batches of a fit on which the two-halves loss probe may run (each costs about two forward passes).
 MAX_LOSS_PROBES = 3
+#: Backward passes of the same loss inside one training_step that count as micro-batches: 2 look-alike
+#: losses are common and legitimate (DCGAN's real and fake discriminator losses), 3 or more are chunks.
+MIN_CHUNKS = 3
+#: Accumulation windows held between logging steps before they are handed over anyway (raw optimizer steps
+#: with no Lightning step, hence no logging step, for that long): memory stays flat.
+MAX_QUEUED_WINDOWS = 1024
 
 
 class _Window:
@@ -42,6 +70,23 @@ class _Window:
         self.raw_bwd = False  # a backward not made through Lightning (no loss seen)
         self.used_sq = used_sq  # square norm of the watched gradients the previous step used
         self.opened_at = opened_at  # the previous step
+
+    def accumulation(self, step: int, label: str) -> AccumulationWindow:
+        """The window as a record: its micro-batches (0: not accumulation) and the largest loss factor.
+
+        Micro-batches are one backward per batch, or the same loss computation repeated within a batch at
+        least :data:`MIN_CHUNKS` times: two different losses backpropagated one after the other are a sum of
+        objectives, not accumulation (DCGAN's ``errD_real.backward(); errD_fake.backward()``).
+        """
+        bwd = list(self.bwd.values())
+        k = len(bwd)
+        batches = {b for b, _, _ in bwd}
+        factors = [f for _, f, _ in bwd]
+        same_loss = len({g for _, _, g in bwd}) == 1 and k >= MIN_CHUNKS
+        counted = not self.raw_bwd and k >= 2 and (len(batches) == k or same_loss)
+        known = [f for f in factors if f is not None]
+        factor = max(known) if known and len(known) == k else None
+        return AccumulationWindow(step, label, k if counted else 0, factor, len(batches) == k)
 
 
 class _OptimizerWatch:
@@ -59,15 +104,21 @@ class _OptimizerWatch:
         self.raw_extra = False
         self.last_raw = False  # the previous step fired no Lightning hook
         self.window = _Window()
-        self.accum: list[tuple[int, int, float]] = []  # (step, k, factor) of the last windows
-        self.used_history: list[tuple[int, Tensor]] = []
+
+    def counts(self, step: int, total_steps: int, batches: int) -> OptimizerSteps:
+        return OptimizerSteps(
+            step, self.label, self.extra_steps, self.first_extra_step, total_steps, batches, self.raw_extra
+        )
 
 
 class _TrainingBugs(_Monitor):
     """Counts real optimizer steps (torch step post-hooks), sees every backward that reaches an optimizer
     (tensor hooks on a few of its parameters), probes the loss reduction, and watches RNN inputs.
 
-    The decisions and messages live in :mod:`lightning_normcheck.diagnosis.bugs`.
+    It measures only; the verdicts and messages live in :mod:`lightning_normcheck.diagnosis.bugs`. The loss
+    probe runs on the first ``max_loss_probes`` batches it can split (3 by default), whatever the probes say:
+    the rules decide once enough agree, and asking them back would put a verdict in the monitor for the price
+    of at most one probe (about two forward passes without gradients) per fit.
     """
 
     name = "training_bugs"
@@ -77,6 +128,7 @@ class _TrainingBugs(_Monitor):
         self.max_loss_probes = max_loss_probes
         self._handles: list[Any] = []
         self.rnn_modules: dict[str, nn.Module] = {}
+        self._probe_runs = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -91,14 +143,13 @@ class _TrainingBugs(_Monitor):
         self._markers: list[tuple[int, int]] = []  # (batch, autograd sequence number at its start)
         self._stale: list[str] = []
         self._checked: dict[str, int] = {}  # RNN module -> batch whose first call was checked
-        self._pending: list[tuple[str, _OptimizerWatch, int, int, Tensor, Tensor]] = []
-        self._queued: list[tuple[str, _OptimizerWatch, int, int]] = []
-        self._probes_pending: list[tuple[str, int, int, Tensor]] = []
-        self._probes_queued: list[tuple[str, int, int]] = []
-        self._probe_results: list[tuple[int, float, float, float, int]] = []
+        # closed zero_grad windows: (optimizer label, previous step, step, min stale sq, used sq)
+        self._zero_grad: list[tuple[str, int, int, Tensor, Tensor]] = []
+        self._probes: list[tuple[int, int, Tensor]] = []  # (step, half size, the three losses)
+        self._windows: list[AccumulationWindow] = []
+        self._staged: tuple[list[tuple[str, int, int]], list[tuple[int, int]]] = ([], [])
         self._probe_runs = 0
         self._probe_failures = 0
-        self._reduction: str | None = None
         self._manual = False
         self._compiled = False
 
@@ -130,6 +181,9 @@ class _TrainingBugs(_Monitor):
             self._handles.append(opt.register_step_post_hook(run.owner._guard(self, self._step_hook(run, w))))
             for p in watched:
                 self._handles.append(p.register_hook(run.owner._guard(self, self._grad_hook(run, w, p))))
+
+    def pending(self) -> bool:
+        return bool(self._zero_grad or self._probes or self._windows)
 
     # hooks inside the user's code ----------------------------------------------------------------------
     def _grad_hook(self, run: _Run, w: _OptimizerWatch, p: Tensor) -> Any:
@@ -165,28 +219,8 @@ class _TrainingBugs(_Monitor):
                 if w.first_extra_step < 0:
                     w.first_extra_step = step
                 w.raw_extra = w.raw_extra or raw or w.last_raw
-                if w.extra_steps >= B.DOUBLE_STEP_MIN:
-                    B.report_double_step(
-                        run.findings,
-                        w.first_extra_step,
-                        w.label,
-                        w.extra_steps,
-                        w.steps + 1,
-                        self.batches,
-                        w.raw_extra,
-                    )
-            win = w.window
-            if w.steps > 0 and win.observed and win.events > 0 and win.min_sq is not None and win.used_sq is not None:
-                self._pending.append(("_bugs/zg", w, win.opened_at, step, win.min_sq, win.used_sq))
-            if self._manual:
-                self._check_accumulation(run, w, step)
-            observe = run.is_due(step + 1)
-            used_sq = None
-            if observe:
-                grads = [p.grad for p in w.watched if p.grad is not None]
-                dev = grads[0].device if grads else None
-                used_sq = torch.stack([N.sum_of_squares(g).to(dev) for g in grads]).sum() if grads else None
-            w.window = _Window(observe, used_sq, step)
+                run.observe(w.counts(step, w.steps + 1, self.batches))  # at once: training may raise next
+            self._close_window(run, w, step)
             w.steps += 1
             w.reached = False
             w.lightning_hook = False
@@ -195,30 +229,23 @@ class _TrainingBugs(_Monitor):
 
         return hook
 
-    def _check_accumulation(self, run: _Run, w: _OptimizerWatch, step: int) -> None:
+    def _close_window(self, run: _Run, w: _OptimizerWatch, step: int) -> None:
+        """Queue what the closing window measured and open the next one (observed when its step is due)."""
         win = w.window
-        bwd = list(win.bwd.values())
-        k = len(bwd)
-        batches = {b for b, _, _ in bwd}
-        factors = [f for _, f, _ in bwd]
-        # micro-batches: one backward per batch, or the same loss computation repeated within a batch (two
-        # different losses backpropagated one after the other are a sum of objectives, not accumulation)
-        # (DCGAN's errD_real.backward(); errD_fake.backward() is two look-alike losses: in-batch needs k >= 3)
-        same_loss = len({g for _, _, g in bwd}) == 1 and k >= B.MIN_CHUNKS
-        if win.raw_bwd or k < 2 or not (len(batches) == k or same_loss) or any(f is None for f in factors):
-            w.accum = []
-            return
-        top = max(f for f in factors if f is not None)
-        if abs(top - 1.0) > B.UNSCALED_TOL:
-            w.accum = []  # divided (by k or by something else): not this bug
-            return
-        if w.accum and w.accum[-1][1] != k:
-            w.accum = []
-        w.accum.append((step, k, top))
-        if len(w.accum) >= B.ACCUM_WINDOWS:
-            B.report_accumulation(
-                run.findings, w.accum[0][0], w.label, k, top, [s for s, _, _ in w.accum], len(batches) == k
-            )
+        if w.steps > 0 and win.observed and win.events > 0 and win.min_sq is not None and win.used_sq is not None:
+            self._zero_grad.append((w.label, win.opened_at, step, win.min_sq, win.used_sq))
+        if self._manual:
+            self._windows.append(win.accumulation(step, w.label))
+            if len(self._windows) >= MAX_QUEUED_WINDOWS:  # no logging step for that long: hand them over now
+                windows, self._windows = self._windows, []
+                run.observe(*windows)
+        observe = run.is_due(step + 1)
+        used_sq = None
+        if observe:
+            grads = [p.grad for p in w.watched if p.grad is not None]
+            dev = grads[0].device if grads else None
+            used_sq = torch.stack([N.sum_of_squares(g).to(dev) for g in grads]).sum() if grads else None
+        w.window = _Window(observe, used_sq, step)
 
     def _rnn_pre_hook(self, run: _Run, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -229,27 +256,26 @@ class _TrainingBugs(_Monitor):
             self._checked[name] = self.batches
             hx = args[1] if len(args) > 1 else kwargs.get("hx")
             states = [hx] if isinstance(hx, Tensor) else list(hx) if isinstance(hx, (tuple, list)) else []
-            marker = self._markers[-1][1]
             for h in states:
-                fn = getattr(h, "grad_fn", None) if isinstance(h, Tensor) else None
-                old = B.oldest_node(fn, marker) if fn is not None else None
-                if old is None:
-                    continue  # built in this batch (an encoder state, a learned h0) or detached: fine
-                seq = old._sequence_nr()
-                origin = None
-                for b, mark in reversed(self._markers[:-1]):
-                    if seq >= mark:
-                        origin = b
-                        break
-                if name not in self._stale:
-                    self._stale.append(name)
-                B.report_stale_hidden(
-                    run.findings, run.step, name, self.batches - 1, origin, type(old).__name__, str(tuple(h.shape))
-                )
-                break
+                record = self._stale_state(run, name, h)
+                if record is not None:
+                    if name not in self._stale:
+                        self._stale.append(name)
+                    run.observe(record)  # at once: backward raises before the next logging step
+                    break
             return None
 
         return hook
+
+    def _stale_state(self, run: _Run, name: str, h: Any) -> StaleState | None:
+        """A :class:`StaleState` when ``h`` carries a graph node built before this batch began, else None."""
+        fn = getattr(h, "grad_fn", None) if isinstance(h, Tensor) else None
+        old = G.oldest_node(fn, self._markers[-1][1]) if fn is not None else None
+        if old is None:
+            return None  # built in this batch (an encoder state, a learned h0) or detached: fine
+        seq = old._sequence_nr()
+        origin = next((b for b, mark in reversed(self._markers[:-1]) if seq >= mark), None)
+        return StaleState(run.step, name, self.batches - 1, origin, type(old).__name__, str(tuple(h.shape)))
 
     # Lightning hooks ------------------------------------------------------------------------------------------
     def on_train_batch_start(self, run: _Run, batch: Any, batch_idx: int) -> None:
@@ -266,7 +292,6 @@ class _TrainingBugs(_Monitor):
             not self._manual
             and not self._compiled
             and self.loss_probe
-            and self._reduction is None
             and self._probe_runs < self.max_loss_probes
             and self._probe_failures < 2
         ):
@@ -279,8 +304,8 @@ class _TrainingBugs(_Monitor):
         self._bwd_id += 1
         # reading a constant saved on the graph is a host read: only on sampled steps (dense early on)
         read = self._manual and run.is_due(run.step)
-        scale = B.loss_scale_factor(loss.grad_fn) if read else None
-        sig = B.graph_signature(loss.grad_fn) if read else ()
+        scale = G.loss_scale_factor(loss.grad_fn) if read else None
+        sig = G.graph_signature(loss.grad_fn) if read else ()
         self._bwd = (self._bwd_id, self.batches - 1, scale, sig)
 
     def on_after_backward(self, run: _Run) -> None:
@@ -298,7 +323,7 @@ class _TrainingBugs(_Monitor):
         Leaves training untouched: RNG states, buffers (BatchNorm running stats) and module attributes are
         restored, ``self.log`` is a no-op meanwhile, and ``run.probing`` tells activation hooks to ignore it.
         """
-        split = B.split_batch(self._batch)
+        split = G.split_batch(self._batch)
         self._batch = None
         if split is None:
             self._probe_failures += 1
@@ -332,67 +357,40 @@ class _TrainingBugs(_Monitor):
             run.probing = False
             _restore(state)
             _set_rng_state(rng)
-        self._probes_pending.append((f"_bugs/probe{self._probe_runs}", run.step, m, torch.stack(losses)))
+        self._probes.append((run.step, m, torch.stack(losses)))
 
-    # flush -------------------------------------------------------------------------------------------------
+    # the logging step -------------------------------------------------------------------------------------
     def collect(self, run: _Run) -> None:
-        for i, (key, w, prev, step, min_sq, used_sq) in enumerate(self._pending):
-            name = f"{key}{w.index}/{step}/{i}"
-            run.add_metric(f"{name}/stale", min_sq)
-            run.add_metric(f"{name}/used", used_sq)
-            self._queued.append((name, w, prev, step))
-        self._pending = []
-        for key, step, m, losses in self._probes_pending:
-            for j, part in enumerate(("a", "b", "full")):
-                run.add_metric(f"{key}/{part}", losses[j])
-            self._probes_queued.append((key, step, m))
-        self._probes_pending = []
+        zero_grad, self._zero_grad = self._zero_grad, []
+        for i, (_, _, _, min_sq, used_sq) in enumerate(zero_grad):
+            run.stage((self.name, "zg", i), torch.stack([min_sq.reshape(()), used_sq.reshape(()).to(min_sq.device)]))
+        probes, self._probes = self._probes, []
+        for i, (_, _, losses) in enumerate(probes):
+            run.stage((self.name, "probe", i), losses)
+        self._staged = ([(label, prev, step) for label, prev, step, _, _ in zero_grad], [(s, m) for s, m, _ in probes])
 
-    def diagnose(self, run: _Run, values: dict[str, float], step: int) -> None:
-        for name, w, prev, at in self._queued:
-            stale, used = values.get(f"{name}/stale"), values.get(f"{name}/used")
-            if stale is None or used is None:
-                continue
-            w.used_history = [*w.used_history[-50:], (prev, used**0.5)]  # type: ignore[list-item]
-            if stale > 0.0:  # exactly 0 after any zero_grad (None or zeros): no tolerance needed
-                B.report_missing_zero_grad(
-                    run.findings,
-                    at,
-                    w.label,
-                    stale**0.5,
-                    used**0.5,
-                    prev,
-                    list(w.used_history),  # type: ignore[arg-type]
-                )
-        self._queued = []
-        for key, at, m in self._probes_queued:
-            vals = [values.get(f"{key}/{p}") for p in ("a", "b", "full")]
-            if all(v is not None for v in vals):
-                self._probe_results.append((at, vals[0], vals[1], vals[2], m))  # type: ignore[arg-type]
-        self._probes_queued = []
-        if self._probe_results and self._reduction is None:
-            self._reduction = B.diagnose_reduction(run.findings, self._probe_results)
+    def records(self, run: _Run, host: dict[Hashable, Any]) -> list[Record]:
+        zero_grad, probes = self._staged
+        self._staged = ([], [])
+        out: list[Record] = []
+        for i, (label, prev, step) in enumerate(zero_grad):
+            stale_sq, used_sq = host[(self.name, "zg", i)]
+            out.append(ZeroGradWindow(step, prev, label, _root(stale_sq), _root(used_sq)))
+        for i, (step, m) in enumerate(probes):
+            a, b, full = host[(self.name, "probe", i)]
+            out.append(ReductionProbe(step, a, b, full, m))
+        windows, self._windows = self._windows, []
+        return [*out, *windows]
 
-    def on_exception(self, run: _Run, exception: BaseException) -> None:
-        text = str(exception)
-        graph_error = B._RAISE_SECOND_TIME in text or B._RAISE_INPLACE in text
-        first_line = text.strip().splitlines()[0][:200] if text.strip() else type(exception).__name__
-        extra = [w for w in self.watches.values() if w.extra_steps > 0]
-        for w in extra:  # training stopped: one extra step is enough to report
-            B.report_double_step(
-                run.findings,
-                w.first_extra_step,
-                w.label,
-                w.extra_steps,
-                w.steps,
-                self.batches,
-                w.raw_extra,
-                exception=first_line if graph_error else None,
-            )
-        if extra and not self._stale and B._RAISE_INPLACE in text:
-            return  # the extra step modified the weights under the graph: explained above
-        B.explain_graph_exception(
-            run.findings, exception, run.step, self.batches, list(self.rnn_modules), list(self._stale)
+    def on_exception(self, run: _Run, error: TrainingError) -> TrainingError:
+        # the steps so far (this step's hook counted it already)
+        extra = tuple(w.counts(run.step, w.steps, self.batches) for w in self.watches.values() if w.extra_steps > 0)
+        return dataclasses.replace(
+            error,
+            batches=self.batches,
+            rnn_modules=tuple(self.rnn_modules),
+            stale_modules=tuple(self._stale),
+            extra_steps=extra,
         )
 
     def remove_hooks(self) -> None:
@@ -405,11 +403,15 @@ class _TrainingBugs(_Monitor):
         self._marker_leaf = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "reduction": self._reduction, "probe_runs": self._probe_runs}
+        return {"version": 2, "probe_runs": self._probe_runs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._reduction = state.get("reduction")
         self._probe_runs = int(state.get("probe_runs", 0))
+
+
+def _root(sq: float) -> float:
+    """The norm from a sum of squares (NaN stays NaN)."""
+    return math.sqrt(sq) if sq >= 0.0 else math.nan
 
 
 # probe helpers ---------------------------------------------------------------------------------------------
@@ -502,10 +504,12 @@ class TrainingBugDetector(_NormCheckBase):
       is fine (the first backward of a window starts from zero).
     - ``double_optimizer_step`` (error): a torch step post-hook counts every real ``optimizer.step()``,
       including raw calls that bypass Lightning; a step with no backward pass since the previous step of
-      the same optimizer applies the same gradients twice (reported from the second such step).
-    - ``loss_sum_reduction`` (warning): automatic optimization only; on up to 3 batches, ``training_step``
-      is re-run without gradients on two halves of the batch and on both; ``loss(both) / (loss(A) +
-      loss(B))`` is 1.0 for a sum over samples and 0.5 for a mean (two agreeing probes decide).
+      the same optimizer applies the same gradients twice (reported from the second such step,
+      ``BugThresholds.double_step_min``; from the first when training then raised).
+    - ``loss_sum_reduction`` (warning): automatic optimization only; on the first ``max_loss_probes`` (3)
+      batches that split in two, ``training_step`` is re-run without gradients on two halves of the batch
+      and on both; ``loss(both) / (loss(A) + loss(B))`` is 1.0 for a sum over samples and 0.5 for a mean
+      (two agreeing probes decide, ``BugThresholds.probes_to_agree``).
     - ``accumulation_not_averaged`` (warning): manual optimization; k > 1 ``manual_backward`` calls in k
       batches per optimizer step, with losses that carry no 1/k factor in their autograd graph.
     - ``hidden_state_not_detached`` (error): a forward pre-hook on RNN modules sees an incoming state whose
@@ -521,6 +525,9 @@ class TrainingBugDetector(_NormCheckBase):
         loss_probe: run the two-halves loss-reduction probe (automatic optimization only).
         max_loss_probes: most batches per fit the loss probe runs on.
         print_summary: print the findings table at the end of fit.
+        thresholds: the thresholds of the rules (:class:`~lightning_normcheck.diagnosis.thresholds.Thresholds`;
+            this detector's are ``thresholds.bugs``, a
+            :class:`~lightning_normcheck.diagnosis.thresholds.BugThresholds`).
 
     Raises:
         ValueError: ``max_loss_probes`` is not an int >= 2.
@@ -537,6 +544,8 @@ class TrainingBugDetector(_NormCheckBase):
             - class_path: lightning_normcheck.TrainingBugDetector
               init_args:
                 loss_probe: true
+                thresholds:
+                  bugs: {double_step_min: 2, probes_to_agree: 2}
 
     It emits no metrics (findings only).
     """
@@ -547,15 +556,16 @@ class TrainingBugDetector(_NormCheckBase):
         loss_probe: bool = True,
         max_loss_probes: int = MAX_LOSS_PROBES,
         print_summary: bool = True,
+        thresholds: Thresholds | None = None,
     ) -> None:
-        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
+        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary, thresholds=thresholds)
         self._monitors = [_make_monitor(type(self).__name__, loss_probe=loss_probe, max_loss_probes=max_loss_probes)]
 
 
 def _make_monitor(owner: str, loss_probe: bool = True, max_loss_probes: int = MAX_LOSS_PROBES) -> _TrainingBugs:
     _check_bool(owner, "loss_probe", loss_probe)
-    # two agreeing probes are needed for a verdict (diagnosis.bugs.PROBES_TO_AGREE)
-    _check_int(owner, "max_loss_probes", max_loss_probes, B.PROBES_TO_AGREE)
+    # a verdict needs this many agreeing probes (BugThresholds.probes_to_agree, by default)
+    _check_int(owner, "max_loss_probes", max_loss_probes, BugThresholds().probes_to_agree)
     return _TrainingBugs(loss_probe=loss_probe, max_loss_probes=max_loss_probes)
 
 

@@ -5,50 +5,65 @@ when the gain matches the activation that follows: ``sqrt(2)`` for ReLU-like uni
 ``std = sqrt(2 / fan_in)``), ``sqrt(2 * fan_in / (fan_in + fan_out))`` for tanh/sigmoid
 (Xavier/Glorot) and ``1`` for SELU or no activation (LeCun, ``std = 1 / sqrt(fan_in)``).
 
+Pure Python over records: the weight scales come from :class:`~lightning_normcheck.diagnosis.records.InitStats`
+(measured at the start of fit), the activation after each layer from the execution order of an
+:class:`~lightning_normcheck.diagnosis.records.ActivationSample` and the class names of its modules.
+
 Example:
-    >>> import torch
-    >>> from torch import nn
-    >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
-    >>> _ = nn.init.normal_(net[0].weight, std=3.0 / 64 ** 0.5)
-    >>> advice = layer_init_advice(dict(net.named_modules()), ["0", "1", "2"])
-    >>> advice[0].name, advice[0].activation, round(advice[0].expected_gain, 2)
-    ('0', 'ReLU', 1.41)
+    >>> from lightning_normcheck.diagnosis.records import InitStats, LayerInitStat, ModuleStat
+    >>> from lightning_normcheck.diagnosis.thresholds import InitThresholds
+    >>> init = InitStats((LayerInitStat("0", fan_in=64, fan_out=64, std=3.0 / 8), LayerInitStat("2", 64, 1, 0.125)))
+    >>> modules = [ModuleStat("0", "Linear", "weight", 3.0), ModuleStat("1", "ReLU", "relu", 2.0),
+    ...            ModuleStat("2", "Linear", "weight", 2.0)]
+    >>> advice = layer_init_advice(init, modules)
+    >>> advice[0].name, advice[0].activation, advice[0].scheme, round(advice[0].expected_gain, 2)
+    ('0', 'ReLU', 'Kaiming', 1.41)
+    >>> advice[1].activation, advice[1].ratio
+    ('none', 1.0)
+    >>> print(init_message(advice, "high", InitThresholds()))  # doctest: +NORMALIZE_WHITESPACE
+    Init is off for the activation that follows: 0: std 0.375 x sqrt(fan_in=64) = 3, but ReLU needs 1.41
+    (Kaiming: std 0.177). Re-initialize with nn.init.kaiming_normal_(w, nonlinearity='relu') (std sqrt(2/fan_in)).
+    >>> init_message(advice, "low", InitThresholds())
+    ''
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-import torch
-from torch import nn
+from lightning_normcheck.diagnosis.records import InitStats, ModuleStat
+from lightning_normcheck.diagnosis.thresholds import InitThresholds
 
-#: Activations that zero about half their input: Kaiming/He gain sqrt(2).
-KAIMING_ACTS: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.GELU,
-    nn.SiLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.ELU,
-    nn.Mish,
-    nn.RReLU,
-    nn.CELU,
-    nn.Softplus,
+#: Activations that zero about half their input: Kaiming/He gain sqrt(2) (class names).
+KAIMING_ACTS: tuple[str, ...] = (
+    "ReLU",
+    "ReLU6",
+    "GELU",
+    "SiLU",
+    "LeakyReLU",
+    "PReLU",
+    "ELU",
+    "Mish",
+    "RReLU",
+    "CELU",
+    "Softplus",
 )
 #: Activations that are linear around 0 and bounded: Xavier/Glorot.
-XAVIER_ACTS: tuple[type[nn.Module], ...] = (nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Softsign)
+XAVIER_ACTS: tuple[str, ...] = ("Tanh", "Sigmoid", "Hardtanh", "Hardsigmoid", "Softsign")
 #: Self-normalizing units: LeCun 1/sqrt(fan_in).
-LECUN_ACTS: tuple[type[nn.Module], ...] = (nn.SELU,)
+LECUN_ACTS: tuple[str, ...] = ("SELU",)
+
+_HOW = {
+    "Kaiming": "nn.init.kaiming_normal_(w, nonlinearity='relu') (std sqrt(2/fan_in))",
+    "Xavier": "nn.init.xavier_normal_(w) (std sqrt(2/(fan_in+fan_out)))",
+    "LeCun": "nn.init.normal_(w, std=1/sqrt(fan_in)) (LeCun)",
+}
 
 
-def is_weight_layer(module: nn.Module) -> bool:
-    """Linear- and convolution-like modules (the layers whose outputs a depth trend is judged on)."""
-    return isinstance(module, (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd))
-
-
-@dataclass
+@dataclass(frozen=True)
 class LayerInit:
     """The init of one weight layer against the activation that follows it."""
 
@@ -73,80 +88,84 @@ class LayerInit:
         )
 
 
-def _following_activation(modules: dict[str, nn.Module], order: list[str], index: int) -> nn.Module | None:
-    for name in order[index + 1 :]:
-        m = modules.get(name)
-        if m is None:
-            continue
-        if is_weight_layer(m):
+def following_activation(modules: Sequence[ModuleStat], index: int) -> str | None:
+    """The class name of the first known activation after ``modules[index]`` and before the next weight layer."""
+    for m in modules[index + 1 :]:
+        if m.kind == "weight":
             return None
-        if isinstance(m, KAIMING_ACTS + XAVIER_ACTS + LECUN_ACTS):
-            return m
+        if m.type_name in KAIMING_ACTS + XAVIER_ACTS + LECUN_ACTS:
+            return m.type_name
     return None
 
 
-@torch.no_grad()
-def layer_init_advice(modules: dict[str, nn.Module], order: list[str]) -> list[LayerInit]:
-    """The gain of every weight layer in ``order`` and the std to use for the activation after it.
+def _scheme(activation: str | None, fan_in: int, fan_out: int) -> tuple[str, float]:
+    """The init scheme for ``activation`` and the gain (std x sqrt(fan_in)) that keeps the RMS constant."""
+    if activation in KAIMING_ACTS:
+        return "Kaiming", math.sqrt(2.0)
+    if activation in XAVIER_ACTS:
+        return "Xavier", math.sqrt(2.0 * fan_in / (fan_in + fan_out))
+    return "LeCun", 1.0
+
+
+def layer_init_advice(init: InitStats, modules: Sequence[ModuleStat]) -> list[LayerInit]:
+    """The gain of every weight layer in ``modules`` and the std to use for the activation after it.
 
     Args:
-        modules: module name to module (the hooked leaf modules).
-        order: module names in execution order (first forward pass).
+        init: the weight scales measured at the start of fit.
+        modules: the hooked modules in execution order (a sampled step's, or a slice of them).
 
     Returns:
-        One :class:`LayerInit` per weight layer with a floating-point weight of 2+ dimensions.
+        One :class:`LayerInit` per weight layer of ``modules`` that ``init`` has a finite, positive-fan-in
+        scale for, in execution order.
     """
+    stats = {s.name: s for s in init.layers}
     out: list[LayerInit] = []
-    for i, name in enumerate(order):
-        m = modules.get(name)
-        if m is None or not is_weight_layer(m):
+    for i, m in enumerate(modules):
+        s = stats.get(m.name) if m.kind == "weight" else None
+        if s is None or s.fan_in <= 0 or not math.isfinite(s.std):
             continue
-        w = getattr(m, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.dim() < 2 or not w.is_floating_point() or w.numel() < 2:
-            continue
-        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(w)
-        std = float(w.detach().float().std())
-        act = _following_activation(modules, order, i)
-        if isinstance(act, KAIMING_ACTS):
-            scheme, expected = "Kaiming", math.sqrt(2.0)
-        elif isinstance(act, XAVIER_ACTS):
-            scheme, expected = "Xavier", math.sqrt(2.0 * fan_in / (fan_in + fan_out))
-        else:
-            scheme, expected = "LeCun", 1.0
+        act = following_activation(modules, i)
+        scheme, expected = _scheme(act, s.fan_in, s.fan_out)
         out.append(
             LayerInit(
-                name=name,
-                fan_in=int(fan_in),
-                std=std,
-                gain=std * math.sqrt(fan_in),
-                activation=type(act).__name__ if act is not None else "none",
+                name=m.name,
+                fan_in=s.fan_in,
+                std=s.std,
+                gain=s.std * math.sqrt(s.fan_in),
+                activation=act or "none",
                 scheme=scheme,
                 expected_gain=expected,
-                recommended_std=expected / math.sqrt(fan_in),
+                recommended_std=expected / math.sqrt(s.fan_in),
             )
         )
     return out
 
 
-def init_message(advice: list[LayerInit], direction: str, limit: int = 4) -> str:
-    """A sentence naming the layers whose gain is off in ``direction`` ("high" or "low") and the std to use.
+def init_message(
+    advice: Sequence[LayerInit], direction: Literal["high", "low"], th: InitThresholds, limit: int = 4
+) -> str:
+    """A sentence naming the layers whose gain is off in ``direction`` and the std to use, or ``""``.
 
-    A layer is off when its gain is more than 1.25x away from the right one (the RMS then drifts by
-    that factor per layer: 1.25**10 is ~9x over ten layers).
+    A layer is off when its gain over the right one is above ``th.gain_high`` ("high") or below
+    ``th.gain_low`` ("low"). At most ``limit`` layers are named.
     """
     if direction == "high":
-        off = [a for a in advice if a.ratio > 1.25]
+        off = [a for a in advice if a.ratio > th.gain_high]
     else:
-        off = [a for a in advice if a.ratio < 0.8]
+        off = [a for a in advice if a.ratio < th.gain_low]
     if not off:
         return ""
     shown = "; ".join(a.describe() for a in off[:limit])
     more = f" (and {len(off) - limit} more)" if len(off) > limit else ""
-    first = off[0]
-    if first.scheme == "Kaiming":
-        how = "nn.init.kaiming_normal_(w, nonlinearity='relu') (std sqrt(2/fan_in))"
-    elif first.scheme == "Xavier":
-        how = "nn.init.xavier_normal_(w) (std sqrt(2/(fan_in+fan_out)))"
-    else:
-        how = "nn.init.normal_(w, std=1/sqrt(fan_in)) (LeCun)"
-    return f" Init is off for the activation that follows: {shown}{more}. Re-initialize with {how}."
+    return f"Init is off for the activation that follows: {shown}{more}. Re-initialize with {_HOW[off[0].scheme]}."
+
+
+__all__ = [
+    "KAIMING_ACTS",
+    "LECUN_ACTS",
+    "XAVIER_ACTS",
+    "LayerInit",
+    "following_activation",
+    "init_message",
+    "layer_init_advice",
+]

@@ -315,9 +315,11 @@ class BatchSample:
 
 @dataclass(frozen=True)
 class StepBatches:
-    """Which training batch each optimizer step of a flush came from (for naming spikes)."""
+    """Which training batch each optimizer step of a flush came from (for naming spikes), and the task the
+    batches' labels say (``"classification"`` for integer labels, ``"regression"`` for a float target, or "")."""
 
     batches: dict[int, str] = field(default_factory=dict)  # step -> "epoch 0, batch 17"
+    task: str = ""
 
 
 # -- training-loop bugs ------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ _SPECS = (
         "warning",
         "activations explode",
         (
-            "init std too large for the activation that follows",
+            "init std too large for the activation that follows (weight std x sqrt(fan_in) above its Kaiming/Xavier"
+            " value)",
             "depth without normalization or residuals",
             "learning rate too high (weights grew)",
         ),
@@ -69,7 +70,8 @@ _SPECS = (
         "warning",
         "activations vanish",
         (
-            "init std too small for the activation that follows",
+            "init std too small for the activation that follows (weight std x sqrt(fan_in) below its Kaiming/Xavier"
+            " value)",
             "depth without normalization or residuals",
             "dead ReLUs",
         ),
@@ -224,7 +226,8 @@ _SPECS = (
         "optimizer.step() twice",
         (
             "`opt.step()` twice in `training_step` or in an `optimizer_step` override",
-            "another callback or hook stepping the optimizer again",
+            "another callback or hook stepping the torch optimizer again (`trainer.optimizers[0].step()`, which"
+            " bypasses Lightning)",
         ),
         ("call `step()` exactly once per backward pass (or accumulation window), remove the extra call",),
     ),
@@ -290,7 +293,7 @@ _SPECS = (
         ("regression targets left unnormalized",),
         (
             "normalize the targets, (y - mean) / std with training-set statistics (or predict log1p(y)), and"
-            " un-normalize predictions (pred * std + mean)",
+            " un-normalize predictions (pred * std + mean) for metrics and inference",
         ),
     ),
 )

@@ -68,11 +68,22 @@ class ActivationThresholds:
     #: A layer's RMS vs its own first sample, with the input RMS steady: 100x over training is a drift,
     #: not learning (the healthy scenario runs measured at most 15x, a default-init MLP over 200 steps).
     act_time_ratio: float = 100.0
-    #: ...and the drifted layer must now be this many times the input RMS (or below its inverse): a layer
-    #: that recovers from a vanished start is no drift.
+    #: ...and the drifted layer must now be this many times the input RMS: a layer that recovers from a
+    #: vanished start is no drift.
     act_time_vs_input: float = 10.0
+    #: The mirror bound for a shrunk layer: now below this fraction of the input RMS. 0.01 is the original
+    #: rule's value, kept as it was (stricter than the inverse of act_time_vs_input).
+    act_time_below_input: float = _fraction(0.01)
+    #: Sampled steps in a row (the latest ones) the drift must hold: one odd batch is no drift.
+    act_time_samples: int = _count(2)
+    #: Sampled steps of RMS kept per layer; the drift reference is the oldest kept sample (the first one
+    #: until this many were sampled: at log_every_n_steps=50, 200 samples are ~10k steps).
+    act_time_history: int = _count(200)
     #: The input RMS must stay within this factor of its first sample for a drift to be judged.
     act_input_steady: float = 10.0
+    #: An RMS of exactly 0 (every unit dead) enters the log-scale trend as this: below any nonzero RMS of a
+    #: float32 sum of squares (the square root of the smallest float32, 1.4e-45, is ~4e-23).
+    rms_floor: float = _fraction(1e-30)
     #: Fraction of a ReLU's units that never fired over the whole window (5 sampled batches by default).
     #: SageMaker's DeadRelu uses 50%; healthy Kaiming MLPs measure under 0.25 over 10 batches (0.37 in one
     #: batch) and a default-init CNN without BatchNorm 0.44 over 5, so 60%. Planted cases measure 90-100%.
@@ -84,6 +95,9 @@ class ActivationThresholds:
     #: pinned means half the units pass no gradient.
     saturated_fraction: float = _fraction(0.5)
     saturated_error: float = _fraction(0.9)
+    #: No sampled step of the window may be below this share of saturated_fraction (half): a mean carried
+    #: by a few pinned batches is no saturation.
+    saturated_floor: float = _fraction(0.5)
 
     def __post_init__(self) -> None:
         _check_positive(self)
@@ -113,6 +127,9 @@ class GradientThresholds:
     grad_depth_ratio: float = 1e-3
     #: Consecutive sampled steps the depth ratio must hold (a window, not one batch).
     grad_depth_samples: int = _count(2)
+    #: Layers with a finite, non-zero gradient needed to compare the input-side and output-side thirds (4: each
+    #: third holds at least one layer and one layer lies between them).
+    grad_depth_min_layers: int = _count(4)
     #: Steps of per-step total norms over which growth is judged (at most), and at least.
     grad_window: int = _count(10)
     grad_min_steps: int = _count(4)
@@ -121,8 +138,16 @@ class GradientThresholds:
     grad_growth: float = 100.0
     #: Fraction of the window's step-to-step changes that must be increases (geometric, not one spike).
     grad_growth_monotone: float = _fraction(0.7)
+    #: Newest steps that must all be grad_growth x the window's minimum: a single high newest value (one bad
+    #: batch) falls back on the next step and is a gradient spike; a geometric explosion is past it one step
+    #: later (2 keeps the measured burst 200 -> 684 -> 4 from being judged at its peak alone).
+    grad_growth_persist: int = _count(2)
+    #: Per-step totals kept per optimizer (bounded memory, as the 200-entry history before); the oldest
+    #: grad_start_steps of them are the start a growth must pass, so late in a run the reference is recent.
+    grad_history: int = _count(200)
     #: The first steps whose largest norm a growth must pass by :attr:`grad_start_factor` (a healthy run
-    #: falls from a high start; only growth past it counts) unless it is 10x :attr:`grad_growth` itself.
+    #: falls from a high start; only growth past it counts) unless the growth is itself grad_start_factor x
+    #: :attr:`grad_growth` (10 x 100 = 1e3).
     grad_start_steps: int = _count(3)
     grad_start_factor: float = 10.0
     #: Finite steps after a reported growth whose median must be back within sqrt(grad_growth) = 10x of the
@@ -173,6 +198,9 @@ class WeightThresholds:
     weight_min_start: float = _fraction(0.05)
     #: Sampled steps in a row the relative growth must hold.
     weight_samples: int = _count(2)
+    #: Layers (with a usable start norm) needed for a median layer: with two, the median is their mean and
+    #: one layer can never be 5x it.
+    weight_min_layers: int = _count(3)
     #: Adam's first step moves every weight by ~lr, so the update-to-weight ratio is ~lr / rms(w). The usual
     #: rule of thumb is ~1e-3 per step; a median layer moving 5% of its norm per step is 50x that.
     adam_update_ratio: float = 0.05
@@ -223,6 +251,11 @@ class DataThresholds:
     near_zero_fraction: float = _fraction(0.5)
     #: Raw 0-255 pixels: above 1 (so not [0, 1]) and at most 255 (uint8 range); reported as info only.
     pixel_max: float = 255.0
+    #: ...and "above 1": pixels already scaled to [0, 1] stay at or below it.
+    pixel_low: float = 1.0
+    #: A feature whose std is at most this fraction of its max |x| is constant in the batch: float32 keeps
+    #: ~7 significant digits, so a constant column's std is rounding noise of ~1e-7 of its value.
+    constant_std: float = 1e-6
     #: Typical target magnitude (median |y|) above which regression targets drive MSE and its gradients:
     #: healthy labels "in the tens" stay below 1e2 (3x margin); zero-mean targets scaled by 1e3 have a median
     #: |y| of ~0.67e3 and prices "in the tens of thousands" ~1e4: both must be reported.
@@ -244,6 +277,9 @@ class BugThresholds:
     #: with BatchNorm); bands of +-0.15 and +-0.1 leave room for Dropout/BatchNorm noise.
     sum_ratio_band: tuple[float, float] = (0.85, 1.15)
     mean_ratio_band: tuple[float, float] = (0.4, 0.6)
+    #: Halves whose losses add up to less than this in size give no ratio (a loss at ~0 is a perfect fit, not
+    #: a reduction): far below any float32 training loss that still moves.
+    probe_min_loss: float = 1e-12
     #: Probes that must agree before a verdict (one batch can be odd; two agreeing ones are not by chance).
     probes_to_agree: int = _count(2)
     #: A scale factor within 5% of 1.0 means "not divided" (1/k is at most 0.5 for k >= 2).

@@ -23,9 +23,19 @@ def main(out_dir: str) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(640, 8, generator=g)
     y = x.sum(1, keepdim=True) / 3
-    # DistributedSampler(shuffle=False) gives rank r the samples r, r + 2, r + 4, ...: rank 1 gets the odd ones
-    x[1::2, 3] = 5000.0 + 100.0 * torch.rand(320, generator=g)
-    data = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+    big = 5000.0 + 100.0 * torch.rand(640, generator=g)
+
+    class RankData(TensorDataset):
+        """Rank 1 reads column 3 as raw values in the thousands; rank 0 reads it standardized."""
+
+        def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
+            xi, yi = super().__getitem__(i)
+            if torch.distributed.get_rank() == 1:
+                xi = xi.clone()
+                xi[3] = big[i]
+            return xi, yi
+
+    data = DataLoader(RankData(x, y), batch_size=16, shuffle=False)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
     cb = NormCheck(stop_on="warning", print_summary=False)
     trainer = L.Trainer(
@@ -45,6 +55,7 @@ def main(out_dir: str) -> None:
         json.dump(
             {
                 "codes": [x.code for x in cb.findings if x.severity != "info"],
+                "messages": [x.message for x in cb.findings if x.severity != "info"],
                 "global_step": trainer.global_step,
                 "stopped_by": cb.stopped_by.code if cb.stopped_by else None,
             },
