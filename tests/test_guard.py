@@ -114,8 +114,8 @@ def test_stop_on_from_yaml_and_bad_values(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_stop_on_agrees_across_two_ddp_processes(tmp_path: Path) -> None:
-    """Only rank 1's shard of the batch has a raw, unscaled feature: rank 1 finds input_scale, rank 0 does not,
-    and both stop at the same step (one collective at the logging step, as EarlyStopping does)."""
+    """Only rank 1 forgets zero_grad: rank 1 finds missing_zero_grad, rank 0 does not, and both stop at the same
+    step (one collective at the logging step, as EarlyStopping does), well before max_steps."""
     script = Path(__file__).resolve().parent / "scripts" / "ddp_stop.py"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
@@ -124,9 +124,9 @@ def test_stop_on_agrees_across_two_ddp_processes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
-    assert "input_scale" in r1["codes"] and "input_scale" not in r0["codes"]
-    assert r0["global_step"] == r1["global_step"] < 40
-    assert r1["stopped_by"] == "input_scale"
+    assert "missing_zero_grad" in r1["codes"] and "missing_zero_grad" not in r0["codes"]
+    assert r0["global_step"] == r1["global_step"] < 20
+    assert r1["stopped_by"] == "missing_zero_grad"
 
 
 # ----------------------------------------------------------------------------------------------------

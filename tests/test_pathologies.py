@@ -99,9 +99,11 @@ def test_geometric_growth_over_time_is_exploding() -> None:
     rig = Rig()
     climb = [(s, 2.0 * 2.5**s) for s in range(8)]  # x2.5 per step: 2 -> 1220
     rig.feed(7, totals(climb), layers(7, {"net.0": 5.0, "net.2": 9.0}))
+    assert not rig.log.findings  # past 100x at steps 6 and 7: the steps after the peak are still to come
+    rig.feed(10, totals([(s, 2.0 * 2.5**s) for s in range(8, 11)]), layers(10, {"net.0": 50.0, "net.2": 90.0}))
     (f,) = bad(rig.log.findings)
-    assert f.code == "exploding_gradients" and (f.step, f.since) == (7, 0)  # known at step 7, grown from step 0
-    assert "2.50x per step" in f.message and has_remedy(f.message)
+    assert f.code == "exploding_gradients" and (f.step, f.since) == (10, 0)  # steps 8-10 confirm, grown from 0
+    assert "2.50x per step" in f.message and "at step 10 is in `net.2`" in f.message and has_remedy(f.message)
 
 
 def test_high_start_falling_fast_is_silent() -> None:

@@ -471,7 +471,7 @@ def test_pickle_and_deepcopy_keep_the_configuration() -> None:
     import copy
     import pickle
 
-    cb = NormCheck(activations=False, clip_threshold=1.0, print_summary=False)
+    cb = NormCheck(clip_threshold=1.0, print_summary=False)
     fit(DropBN(), cls_loader(), [cb], max_steps=3)
     for clone in (pickle.loads(pickle.dumps(cb)), copy.deepcopy(cb)):
         assert clone.state_key == cb.state_key

@@ -104,7 +104,7 @@ def test_clip_finding_escalates_and_silent_cases() -> None:
     judge(r, window(30, 0.85, 1.6))
     judge(r, window(40, 1.0, 40.0), step=39)
     (f,) = r.log.findings
-    assert (f.severity, f.step, f.count) == ("error", 29, 2) and "100%" in f.message and "40x" in f.message
+    assert (f.severity, f.step, f.count) == ("error", 39, 2) and "100%" in f.message and "40x" in f.message
 
 
 def test_clip_thresholds_change_the_verdict() -> None:

@@ -368,24 +368,38 @@ def test_two_optimizers_are_judged_each_within_its_own_layers() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# gradients over time
+# gradients over time: a growth is reported once the growth_fallback_steps (3) finite, non-zero totals after
+# its peak confirm it (their median >= sqrt(100) = 10x its low), a later total is non-finite, or training
+# raises; .step is the step that confirmed it, .since the growth's low
 # ---------------------------------------------------------------------------------------------------------
 def test_geometric_growth_over_time_is_exploding() -> None:
     rig = Rig()
     climb = [(s, 2.0 * 2.5**s) for s in range(8)]  # x2.5 per step: 2 -> 1220.7
     rig.feed(7, totals(climb), layers(7, {"net.0": 5.0, "net.2": 9.0}))
+    assert not rig.log.findings  # 244x at step 6, 610x at step 7: no step after the peak yet
+    more = [(s, 2.0 * 2.5**s) for s in range(8, 11)]  # median 2 * 2.5**9 = 7629 >= 10 x 2
+    rig.feed(10, totals(more), layers(10, {"net.0": 50.0, "net.2": 90.0}))
     (f,) = rig.log.findings
-    assert (f.code, f.severity, f.layer, f.step, f.since) == ("exploding_gradients", "warning", None, 7, 0)
-    assert f.value == pytest.approx(2.5**7)  # 610.35
+    assert (f.code, f.severity, f.layer, f.step, f.since) == ("exploding_gradients", "warning", None, 10, 0)
+    assert f.value == pytest.approx(2.5**7)  # 610.35: the growth as of step 7, where it first showed
     assert "2 at step 0 to 1.22e+03 at step 7 (610x, about 2.50x per step, rising on 7 of 7 steps" in f.message
-    assert "The largest per-layer gradient at step 7 is in `net.2`" in f.message and has_remedy(f.message)
+    assert "The largest per-layer gradient at step 10 is in `net.2`" in f.message and has_remedy(f.message)
     assert f.extra["growth_from"] == 2.0 and f.extra["growth_step"] == 7 and f.extra["optimizer"] == 0
 
 
-def test_growth_of_1e4_or_more_is_an_error() -> None:
-    rig = Rig()
-    rig.feed_totals([(s, 4.0**s) for s in range(8)])  # 4**7 = 16384 >= 100**2
-    assert rig.codes() == [("exploding_gradients", "error", 7, None)]
+@pytest.mark.parametrize(("last", "severity"), [(1e4, "error"), (9999.0, "warning")])
+def test_growth_of_1e4_or_more_is_an_error(last: float, severity: str) -> None:
+    rig = Rig()  # shows at step 3 (4 steps: grad_min_steps): 100x and `last`x the 1.0 of step 0
+    rig.feed_totals([(0, 1.0), (1, 10.0), (2, 100.0)] + [(s, last) for s in range(3, 7)])
+    assert rig.codes() == [("exploding_gradients", severity, 6, None)]  # steps 4-6 stay at `last`: confirmed
+    assert rig.log.findings[0].value == pytest.approx(last) and rig.log.findings[0].since == 0
+
+
+def test_severity_is_that_of_the_growth_where_it_first_showed() -> None:
+    rig = Rig()  # one flush: 4**7 = 16384 >= 100**2 by step 7, but the growth shows at step 5 (4**4, 4**5 >= 100)
+    rig.feed_totals([(s, 4.0**s) for s in range(11)])
+    assert rig.codes() == [("exploding_gradients", "warning", 8, None)]  # steps 6-8 confirm it
+    assert rig.log.findings[0].value == 4.0**5  # 1024x < 1e4
 
 
 def growth(series: list[float], flush_every: int = 1, th: GradientThresholds | None = None) -> list[Any]:
@@ -400,42 +414,52 @@ FLAT = [1.0 + 0.1 * (s % 3) for s in range(30)]
 
 
 def test_exploding_gradients_needs_growth_that_persists() -> None:
-    """One high newest value is a spike (it falls back); a geometric climb is found one step after it passes
-    the threshold, and a two-step rise to a new level is found too."""
+    """One high newest value is a spike (it falls back); a geometric climb shows one step after it passes the
+    threshold and is reported once the 3 steps after that confirm it; a two-step rise to a new level that stays
+    is reported too."""
     assert growth(FLAT[:29] + [300.0]) == []  # the spike is the newest value: not judged an explosion
     assert growth(FLAT[:29] + [300.0], flush_every=10) == []
     assert growth(FLAT[:20] + [300.0] + FLAT[21:]) == []  # and it falls back
     (f,) = growth([2.0**s for s in range(20)])  # 2x per step: 128 at step 7, 256 at step 8
-    assert (f.step, f.since) == (8, 0) and "256 at step 8" in f.message  # steps 7 and 8 both past 100x
-    (f,) = growth(FLAT[:20] + [300.0, 320.0, 310.0])  # a rise to a new level that stays
-    assert (f.step, f.since) == (21, 12) and "320 at step 21" in f.message  # 1.0 at step 12 is the window's min
-    (f,) = growth(FLAT[:29] + [300.0], th=GradientThresholds(grad_growth_persist=1))
-    assert f.step == 29
+    assert (f.step, f.since) == (11, 0) and "256 at step 8" in f.message  # 7 and 8 past 100x; 9-11 confirm
+    assert growth(FLAT[:20] + [300.0, 320.0, 310.0]) == []  # a new level, 1 step after its peak: pending
+    (f,) = growth(FLAT[:20] + [300.0, 320.0, 310.0, 305.0, 315.0])  # ... and 3 steps after it that stay
+    assert (f.step, f.since) == (24, 12) and "320 at step 21" in f.message  # 1.0 at step 12 is the window's min
+    th = GradientThresholds(grad_growth_persist=1)  # one newest value suffices: the spike shows at step 29 ...
+    assert growth(FLAT[:29] + [300.0], th=th) == []  # ... with no step after it
+    (f,) = growth(FLAT[:29] + [300.0, 1.0, 1.1, 1.2], th=th)  # median 1.1 < 10 x 1.0 (step 21): fell back
+    assert (f.severity, f.step, f.since) == ("info", 32, 21)
+    assert "grew 300x (from 1 at step 21) up to step 29 and then fell back to 1.2 within 3 steps" in f.message
+    (f,) = growth(FLAT[:29] + [300.0] * 4, th=th)  # median 300 >= 10 x 1.0: confirmed
+    assert (f.severity, f.step, f.since) == ("warning", 32, 21)
 
 
 @pytest.mark.parametrize(("factor", "found"), [(100.0, True), (99.0, False)])
 def test_growth_threshold_boundary(factor: float, found: bool) -> None:
-    # 1, then 6 steps to `factor`: the last two must both reach 100x the minimum 1.0
-    series = [1.0, 2.0, 3.0, 5.0, 8.0, factor, factor * 1.01]
-    assert bool(growth(series, flush_every=len(series))) == found
+    # 1, then 6 steps to `factor`: the last two must both reach 100x the minimum 1.0; then 3 steps that stay
+    series = [1.0, 2.0, 3.0, 5.0, 8.0, factor] + [factor * 1.01] * 4
+    assert [f.step for f in growth(series, flush_every=len(series))] == ([9] if found else [])
 
 
 def test_growth_must_rise_on_most_steps() -> None:
     zigzag = [1.0, 1.0, 1.0, 50.0, 2.0, 60.0, 3.0, 70.0, 4.0, 200.0, 300.0]  # window: 5 rises of 9 changes
-    assert growth(zigzag, flush_every=len(zigzag)) == []
-    (f,) = growth(zigzag, flush_every=len(zigzag), th=GradientThresholds(grad_growth_monotone=0.5))
-    assert "rising on 5 of 9 steps" in f.message
+    stays = zigzag + [300.0] * 3  # and the 3 steps after the peak stay at 300x
+    assert growth(stays, flush_every=len(stays)) == []
+    (f,) = growth(stays, flush_every=len(stays), th=GradientThresholds(grad_growth_monotone=0.5))
+    assert "rising on 5 of 9 steps" in f.message and (f.step, f.since) == (13, 1)
 
 
 def test_growth_must_pass_the_high_start() -> None:
     """A healthy run falls from a high start (80); a growth back up to 364.5 (729x the low 0.5) is below both
     10 x 80 and 10 x 100x: silent, until it passes 800."""
     series = [80.0, 60.0, 40.0, 0.5, 1.5, 4.5, 13.5, 40.5, 121.5, 364.5]
-    assert growth(series, flush_every=len(series)) == []
-    (f,) = growth(series, flush_every=len(series), th=GradientThresholds(grad_start_factor=4.0))
-    assert f.value == pytest.approx(729.0)
-    (f,) = growth([*series, 1093.5], flush_every=len(series) + 1)  # 1093.5 > 800
-    assert f.value == pytest.approx(1093.5 / 0.5)
+    stays = [*series, 364.5, 364.5, 364.5]
+    assert growth(stays, flush_every=len(stays)) == []
+    (f,) = growth(stays, flush_every=len(stays), th=GradientThresholds(grad_start_factor=4.0))
+    assert f.value == pytest.approx(729.0) and (f.step, f.since) == (12, 3)
+    passes = [*series, 1093.5, 1093.5, 1093.5, 1093.5]
+    (f,) = growth(passes, flush_every=len(passes))  # 1093.5 > 800 at step 10, steps 11-13 confirm
+    assert f.value == pytest.approx(1093.5 / 0.5) and (f.step, f.since) == (13, 3)
 
 
 def test_high_start_falling_fast_is_silent() -> None:
@@ -446,6 +470,7 @@ def test_zero_totals_are_skipped_and_growth_stops_at_the_first_nonfinite_value()
     with_zeros = [0.0 if s % 2 else 2.0**s for s in range(20)]  # 2**s on even steps: 4x per judged step
     (f,) = growth(with_zeros)
     assert "about 2.00x per step" in f.message  # per optimizer step, not per judged value
+    assert (f.step, f.since) == (16, 0)  # shows at step 10 (256, 1024); steps 12, 14, 16 confirm, zeros don't
     rig = Rig()
     rig.feed_totals([(0, 1.0), (1, 2.0), (2, NAN)])
     rig.feed_totals([(s, 2.0**s) for s in range(3, 12)])
@@ -455,29 +480,73 @@ def test_zero_totals_are_skipped_and_growth_stops_at_the_first_nonfinite_value()
 def test_data_cause_suppresses_exploding_gradients() -> None:
     rig = Rig()
     rig.log.report("label_scale", "warning", 0, None, "targets have std 1e4")
-    rig.feed_totals([(s, 2.0 * 3.0**s) for s in range(8)])
+    rig.feed_totals([(s, 2.0 * 3.0**s) for s in range(10)])
     assert [f.code for f in rig.log.findings] == ["label_scale"]
+    assert rig.gradients.state_dict()["pending"] == {}
     rig = Rig()
     rig.log.report("input_scale", "info", 0, None, "0-255 pixels")
-    rig.feed_totals([(s, 2.0 * 3.0**s) for s in range(8)])
-    assert [f.code for f in rig.log.findings] == ["input_scale", "exploding_gradients"]
+    rig.feed_totals([(s, 2.0 * 3.0**s) for s in range(10)])  # 243x at step 5, 729x at step 6; 7-9 confirm
+    assert [(f.code, f.step) for f in rig.log.findings] == [("input_scale", 0), ("exploding_gradients", 9)]
 
 
 def test_each_optimizer_grows_on_its_own_series() -> None:
     rig = Rig()
-    for s in range(10):  # two optimizers at every step: 1e-3 flat and one doubling from 1
+    for s in range(12):  # two optimizers at every step: 1e-3 flat and one doubling from 1
         rig.feed(s, GradientTotals(steps=(s, s), totals=(1e-3 * (1 + 0.1 * (s % 3)), 2.0**s), optimizers=(0, 1)))
     (f,) = rig.log.findings
     assert f.extra["optimizer"] == 1 and "the total gradient norm of optimizer 1 grows" in f.message
-    assert (f.step, f.since) == (8, 0)
+    assert (f.step, f.since) == (11, 0)  # shows at step 8, steps 9-11 confirm
 
 
 def test_threshold_change_moves_the_growth_verdict() -> None:
-    climb = [1.5**s for s in range(10)]  # 1.5**9 = 38.4x over the window, 1.5**8 = 25.6x the step before
-    assert growth(climb, flush_every=10) == []
-    (f,) = growth(climb, flush_every=10, th=GradientThresholds(grad_growth=20.0))  # 25.6x and 38.4x: both past
-    assert f.value == pytest.approx(1.5**9)
+    climb = [1.5**s for s in range(13)]  # over a 10-step window at most 1.5**9 = 38.4x
+    assert growth(climb, flush_every=13) == []
+    # 1.5**8 = 25.6x and 1.5**9 = 38.4x at steps 8 and 9 both past 20x; steps 10-12 confirm
+    (f,) = growth(climb, flush_every=13, th=GradientThresholds(grad_growth=20.0))
+    assert f.value == pytest.approx(1.5**9) and (f.step, f.since) == (12, 0)
     assert find_growth(list(enumerate(climb)), GradientThresholds(grad_window=3)) is None  # 3 < grad_min_steps
+
+
+def test_a_burst_in_the_last_steps_of_a_fit_is_not_reported() -> None:
+    """A fine-tuned classifier's heavy-tailed gradient norms gave a false exploding_gradients warning from a
+    burst in the last steps of its fit: without the steps after the peak a burst and an explosion look alike."""
+    assert growth([2.0**s for s in range(9)]) == []  # shows at step 8, the last step fed
+    assert growth([2.0**s for s in range(9)], flush_every=9) == []
+    assert growth([2.0**s for s in range(11)]) == []  # 2 of the 3 steps after the peak
+    assert growth(FLAT[:27] + [300.0, 320.0, 310.0], flush_every=30) == []  # shows at step 28, 1 step after it
+    rig = Rig()
+    rig.feed_totals([(s, 2.0**s) for s in range(9)])
+    assert rig.gradients.state_dict()["pending"] == {"0": [1.0, 0, 256.0, 8, 8, 8]}
+
+
+def test_a_growth_in_one_long_flush_is_confirmed_by_the_steps_after_its_peak() -> None:
+    """A logging interval of 30 steps delivers a growth, its peak and the steps after it at once: the growth is
+    searched as of the first step where it shows (step 26), so steps 27-29 confirm it within that flush."""
+    series = FLAT[:25] + [300.0, 320.0, 310.0, 305.0, 315.0]
+    (f,) = growth(series, flush_every=30)
+    assert (f.severity, f.step, f.since) == ("warning", 29, 18) and f.value == pytest.approx(320.0)
+    # window 17-26: the low 1.0 at step 18 (FLAT cycles 1.0, 1.1, 1.2), then 6 rises of 8 changes
+    assert "1 at step 18 to 320 at step 26" in f.message and "rising on 6 of 8 steps" in f.message
+    assert [(g.step, g.since, g.value) for g in growth(series)] == [(29, 18, f.value)]  # as fed step by step
+    # as of the flush's last step, window 20-29 rises on 5 of 8 changes from its low (step 21): no growth
+    assert find_growth(list(enumerate(series)), GradientThresholds()) is None
+
+
+def test_training_that_raises_while_a_growth_is_pending_confirms_it() -> None:
+    rig = Rig()
+    rig.feed_totals([(s, 2.0**s) for s in range(10)])  # shows at step 8; step 9 is 1 of the 3 after it
+    assert not rig.log.findings
+    rig.gradients.explain(TrainingError(10, "RuntimeError", "CUDA error: an illegal memory access was encountered"))
+    assert rig.codes() == [("exploding_gradients", "warning", 10, None)]
+    f = rig.log.findings[0]
+    assert f.since == 0 and f.extra["growth_step"] == 8 and "1 at step 0 to 256 at step 8 (256x" in f.message
+    assert rig.gradients.state_dict()["pending"] == {}
+    rig.gradients.explain(TrainingError(11, "RuntimeError", "CUDA error"))  # nothing pending any more
+    assert len(rig.log) == 1 and f.count == 1
+    idle = Rig()
+    idle.feed_totals(list(enumerate(FLAT)))
+    idle.gradients.explain(TrainingError(30, "RuntimeError", "CUDA error"))
+    assert not idle.log.findings
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -485,7 +554,7 @@ def test_threshold_change_moves_the_growth_verdict() -> None:
 # ---------------------------------------------------------------------------------------------------------
 def _burst(after: list[float]) -> Rig:
     rig = Rig()
-    for s in range(9):  # 2x per step: found at step 8 (256x the 1.0 of step 0)
+    for s in range(9):  # 2x per step: shows at step 8 (128x and 256x the 1.0 of step 0)
         rig.feed_totals([(s, 2.0**s)])
     for i, v in enumerate(after):
         rig.feed_totals([(9 + i, v)])
@@ -494,19 +563,41 @@ def _burst(after: list[float]) -> Rig:
 
 def test_growth_that_falls_back_becomes_info() -> None:
     rig = _burst([3.0, 3.0])
-    assert rig.log.get("exploding_gradients").severity == "warning"  # type: ignore[union-attr]
+    assert not rig.log.findings  # 2 of the 3 steps after the peak: pending
     rig.feed_totals([(11, 3.0)])  # the 3rd finite step after the peak: median 3 < sqrt(100) x 1.0
-    f = rig.log.get("exploding_gradients")
-    assert f is not None and f.severity == "info"
-    assert "grew 256x (from 1) up to step 8 and then fell back to 3" in f.message and "Earlier report:" in f.message
-    assert f.step == 8  # the step it became known stays
+    (f,) = rig.log.findings
+    assert (f.code, f.severity, f.step, f.since) == ("exploding_gradients", "info", 11, 0)
+    assert "grew 256x (from 1 at step 0) up to step 8 and then fell back to 3 within 3 steps" in f.message
+    assert f.value == 256.0 and "Earlier report:" not in f.message  # never reported as an explosion
 
 
 def test_growth_that_stays_within_10x_of_its_peak_is_kept() -> None:
     rig = _burst([10.0, 10.0, 10.0])  # median 10 = sqrt(100) x 1.0: not back
-    assert rig.log.get("exploding_gradients").severity == "warning"  # type: ignore[union-attr]
+    assert rig.codes() == [("exploding_gradients", "warning", 11, None)]
     rig = _burst([3.0, NAN, 3.0, 3.0])  # the norm went non-finite after it: a divergence
     assert rig.log.get("exploding_gradients").severity == "warning"  # type: ignore[union-attr]
+
+
+def test_a_nonfinite_total_after_the_peak_confirms_the_growth() -> None:
+    rig = _burst([3.0, INF])  # step 10, the 2nd after the peak, is non-finite
+    assert rig.codes() == [("nonfinite_gradients", "error", 10, None), ("exploding_gradients", "warning", 10, None)]
+    f = rig.log.get("exploding_gradients")
+    assert f is not None and f.since == 0 and f.extra["growth_step"] == 8 and "to 256 at step 8" in f.message
+    rig.feed_totals([(11, 3.0), (12, 3.0)])  # low again after the non-finite step: still a divergence
+    assert rig.log.get("exploding_gradients").severity == "warning"  # type: ignore[union-attr]
+    rig = Rig()  # in the same flush as the growth: the step right after the peak
+    rig.feed_totals([(s, 2.0**s) for s in range(9)] + [(9, NAN)])
+    assert rig.codes() == [("nonfinite_gradients", "error", 9, None), ("exploding_gradients", "warning", 9, None)]
+    assert rig.log.get("exploding_gradients").since == 0  # type: ignore[union-attr]
+
+
+def test_a_confirmed_growth_that_falls_back_later_becomes_info() -> None:
+    rig = _burst([10.0, 10.0, 10.0])  # confirmed at step 11
+    for s in (12, 13, 14):  # the latest 3 steps after the peak: median 3 < 10 x 1.0
+        rig.feed_totals([(s, 3.0)])
+    (f,) = rig.log.findings
+    assert (f.severity, f.step, f.since) == ("info", 11, 0)  # the step it became known stays
+    assert "grew 256x (from 1) up to step 8 and then fell back to 3" in f.message and "Earlier report:" in f.message
 
 
 def test_fallback_steps_threshold() -> None:
@@ -519,10 +610,18 @@ def test_fallback_steps_threshold() -> None:
 
 def test_a_real_explosion_after_a_burst_escalates_again() -> None:
     rig = _burst([3.0, 3.0, 3.0])
-    for s in range(12, 22):  # 3 -> 3 * 2**10: past 100x the window's low and 10x the start (max 4)
+    assert rig.log.get("exploding_gradients").severity == "info"  # type: ignore[union-attr]
+    # 3 -> 3 * 2**11: 384 and 768 at steps 18 and 19 are 128x and 256x the 3.0 of step 10 (the window's low
+    # once step 9 left it) and past 10x the start (max 4); steps 20-22 confirm
+    for s in range(12, 23):
         rig.feed_totals([(s, 3.0 * 2.0 ** (s - 11))])
+        if s == 21:
+            assert rig.log.get("exploding_gradients").severity == "info"  # type: ignore[union-attr]
     f = rig.log.get("exploding_gradients")
-    assert f is not None and f.severity == "warning" and f.extra["growth_step"] > 12
+    assert f is not None and f.severity == "warning" and f.last_step == 22
+    assert (
+        f.extra["growth_step"] == 19 and f.extra["growth_from"] == 3.0 and "3 at step 10 to 768 at step 19" in f.message
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -554,10 +653,30 @@ def test_state_dict_round_trip_resumes_the_same_verdicts() -> None:
     straight = run(None)
     assert straight == [
         ("vanishing_gradients", "warning", 1, 0, "net.0"),
-        ("exploding_gradients", "info", 8, 0, None),
+        ("exploding_gradients", "info", 11, 0, None),  # shows at step 8, falls back on steps 9-11
     ]
-    for at in (1, 5, 9, 10):
+    for at in (1, 5, 8, 9, 10, 11, 12):  # 9-11: while the growth of step 8 is pending
         assert run(at) == straight, at
+
+
+def test_state_dict_round_trip_keeps_a_pending_growth() -> None:
+    rig = Rig()
+    rig.feed_totals([(s, 2.0**s) for s in range(10)])  # shows at step 8; step 9 is 1 of the 3 after it
+    state = json.loads(json.dumps(rig.gradients.state_dict()))
+    assert _plain(state) and state["pending"] == {"0": [1.0, 0, 256.0, 8, 8, 8]}  # low, at, high, at, 8 of 8 rises
+    resumed = Rig()
+    resumed.gradients.load_state_dict(state)
+    assert resumed.gradients.state_dict() == state
+    resumed.feed_totals([(10, 1024.0), (11, 2048.0)])  # steps 9-11: median 1024 >= 10 x 1.0
+    assert resumed.codes() == [("exploding_gradients", "warning", 11, None)]
+    assert resumed.log.findings[0].since == 0 and "1 at step 0 to 256 at step 8" in resumed.log.findings[0].message
+    fallen = Rig()
+    fallen.gradients.load_state_dict(state)
+    fallen.feed_totals([(10, 2.0), (11, 2.0)])  # steps 9-11: median(512, 2, 2) = 2 < 10 x 1.0
+    assert fallen.codes() == [("exploding_gradients", "info", 11, None)]
+    fresh = Rig()  # without the state: 2 steps are no window, nothing pending
+    fresh.feed_totals([(10, 1024.0), (11, 2048.0)])
+    assert not fresh.log.findings
 
 
 def test_state_dict_is_plain_and_bounded() -> None:

@@ -78,6 +78,7 @@ def test_healthy_run_is_silent(name: str) -> None:
     assert not false, f"{name}: false alarms {[str(f) for f in false]}"
     assert bad(res.findings) == [], "no warning or error of any code (bug and data checks included)"
     assert_contract(res.findings)
+    assert res.learned() < res.scenario.learns, f"{name} must learn: last/first loss {res.learned():.3f}"
 
 
 def test_suite_size() -> None:
@@ -93,9 +94,12 @@ def test_init_pathology_reported_at_step0_with_init_advice(name: str) -> None:
     code = res.scenario.expect[0]
     (f,) = [f for f in res.findings if f.code == code]
     assert f.step == 0 and f.extra.get("at_init")
+    import lightning as L
+
+    L.seed_everything(0, verbose=False)  # as run_scenario(seed=0) did before building
     model, _, _ = res.scenario.build()  # the same construction: compute the advice by hand
     first = model.net[0].weight
-    assert f"net.0: std {float(first.detach().std()):.2g}"[:14] in f.message
+    assert f"net.0: std {float(first.detach().std()):.3g} x sqrt(fan_in=" in f.message
     act = "SELU" if "selu" in name else "ReLU"
     right = 1 / math.sqrt(first.shape[1]) if act == "SELU" else math.sqrt(2 / first.shape[1])
     assert f"{act} needs" in f.message and f"std {right:.3g}" in f.message
@@ -159,6 +163,7 @@ def test_healthy_run_is_silent_other_seeds(name: str, seed: int) -> None:
     _, false = judge(res)
     assert not false, f"{name} seed {seed}: false alarms {[str(f) for f in false]}"
     assert bad(res.findings) == []
+    assert res.learned() < res.scenario.learns, f"{name} seed {seed} must learn: {res.learned():.3f}"
 
 
 def test_saturation_from_init_names_the_feeding_layer_and_the_std_to_use() -> None:

@@ -513,8 +513,9 @@ def test_burst_of_bad_batches_that_falls_back_is_not_an_explosion() -> None:
 
 
 def test_exploding_gradients_needs_growth_that_persists() -> None:
-    """One high newest value is a spike (it falls back); a geometric climb is found one step after it passes
-    the threshold, and a two-step rise to a new level is found too."""
+    """One high newest value is a spike (it falls back); a geometric climb shows one step after it passes the
+    threshold and is reported once the 3 steps after that confirm it; a two-step rise to a new level that stays
+    is reported too."""
     from test_rules_gradients import Rig, totals
 
     def growth(series: list[float], flush_every: int = 1) -> list[Any]:
@@ -531,9 +532,10 @@ def test_exploding_gradients_needs_growth_that_persists() -> None:
     assert growth(flat[:20] + [300.0] + flat[21:]) == []  # and it falls back
     climb = [1.0 * 2.0**s for s in range(20)]  # 2x per step: past 100x at step 7 (128) over step 0
     (f,) = growth(climb)
-    assert (f.step, f.since) == (8, 0) and "256 at step 8" in f.message  # steps 7 and 8 both past 100x
-    (f,) = growth(flat[:20] + [300.0, 320.0, 310.0])  # a rise to a new level that stays
-    assert "320 at step 21" in f.message
+    assert (f.step, f.since) == (11, 0) and "256 at step 8" in f.message  # 7 and 8 past 100x; 9-11 confirm
+    assert growth(flat[:20] + [300.0, 320.0, 310.0]) == []  # a new level, 1 step after its peak: pending
+    (f,) = growth(flat[:20] + [300.0, 320.0, 310.0, 305.0, 315.0])  # ... and 3 steps after it that stay
+    assert (f.step, f.since) == (24, 12) and "320 at step 21" in f.message  # 1.0 at step 12 is the window's min
 
 
 class PerOptimizerRecorder(L.Callback):

@@ -1,11 +1,16 @@
-"""ActivationNormMonitor: output RMS, dead and saturated fractions of leaf modules on sampled steps."""
+"""ActivationNormMonitor: output RMS, dead and saturated fractions of leaf modules on sampled steps.
+
+Under DDP the statistics are reduced across ranks at each logging step (a fixed layout per fit, a fixed number
+of collectives), so rank zero describes the global batch: a unit that fires on any rank is alive.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +20,7 @@ from lightning_normcheck import norms as N
 from lightning_normcheck.callbacks._args import _check_float, _check_int, _check_str_list
 from lightning_normcheck.callbacks._base import _Monitor, _NormCheckBase, _Run
 from lightning_normcheck.callbacks._run import compiled_prefixes, in_prefixes
+from lightning_normcheck.callbacks._signals import _CrossRank, _deferred_error, _world_size
 from lightning_normcheck.diagnosis.records import (
     ActivationSample,
     InitStats,
@@ -116,6 +122,15 @@ class _ActivationNorms(_Monitor):
         self._staged_order: list[str] = []
         self._staged_input = False
         self.init_stats: InitStats | None = None
+        # under DDP (see _collect_together)
+        self._world = 1
+        self._together = False  # the next flush is a logging step that every rank reaches
+        self._staged_together = False
+        self._error: BaseException | None = None  # a hook's failure, raised at the next reduced flush on every rank
+        self._relu: list[str] = []  # the ReLU-like modules, in setup order: the layout of the masks
+        self._units: list[int] | None = None  # their unit counts, agreed by the ranks (None: not yet)
+        self._window_next: dict[str, list[Tensor]] = {}  # the windows of this flush, kept if a unit fired anywhere
+        self._reducers: dict[str, _CrossRank] = {}
 
     def _selected(self, name: str, module: nn.Module) -> bool:
         if any(True for _ in module.children()) or isinstance(module, SKIPPED) or not name:
@@ -137,6 +152,8 @@ class _ActivationNorms(_Monitor):
         self._stats = {}
         self._window_alive = {}
         self._window_samples = 0
+        self._world = _world_size(run)
+        self._together, self._staged_together, self._error, self._units = False, False, None, None
         compiled = compiled_prefixes(run.pl_module)
         if compiled and run.is_global_zero:
             where = "the whole model" if "" in compiled else ", ".join(f"`{p}`" for p in compiled)
@@ -157,6 +174,7 @@ class _ActivationNorms(_Monitor):
                     self.bounds[name] = BOUNDED[type(module)]
                 else:
                     self.kinds[name] = "weight" if is_weight_layer(module) else ""
+        self._relu = [name for name in self.modules if self.kinds[name] == "relu"]
 
     def on_train_start(self, run: _Run) -> None:
         # the weight scale of every hooked Linear/Conv at the start of fit, for init advice (one transfer)
@@ -192,7 +210,15 @@ class _ActivationNorms(_Monitor):
         self.remove_hooks()  # the forward of this micro-batch is over
 
     def on_train_batch_end(self, run: _Run, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._together = run.flush_due  # every rank flushes at the end of this batch
         self.remove_hooks()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the hook closures belong to one fit (they hold its run): rebuilt at the next sampled step
+        state = dict(self.__dict__)
+        state.pop("_hook_fns", None)
+        state.pop("_hook_run", None)
+        return state
 
     def remove_hooks(self) -> None:
         for h in self._handles:
@@ -221,7 +247,16 @@ class _ActivationNorms(_Monitor):
                 st = self._stats[name] = _Stats(len(self._stats))
             self._accumulate(st, out, kind, bounds, thr)
 
-        return hook
+        if self._world == 1:
+            return hook
+
+        def deferring(module: nn.Module, inputs: Any, output: Any) -> None:
+            try:  # under DDP a failure waits for the flush, where every rank learns of it and stops alike
+                hook(module, inputs, output)
+            except Exception as err:  # noqa: BLE001
+                self._error = self._error or err
+
+        return deferring
 
     @staticmethod
     def _accumulate(st: _Stats, x: Tensor, kind: str, bounds: tuple[float, float] | None, thr: float) -> None:
@@ -239,6 +274,10 @@ class _ActivationNorms(_Monitor):
 
     def collect(self, run: _Run) -> None:
         self._staged_order = []
+        self._staged_together, self._together = self._together and self._world > 1, False
+        if self._staged_together:
+            self._collect_together(run)
+            return
         if not self._stats:
             return
         order = [n for n in sorted(self._stats, key=lambda n: self._stats[n].order) if self._stats[n].sumsq is not None]
@@ -263,6 +302,9 @@ class _ActivationNorms(_Monitor):
         self._input = None
 
     def records(self, run: _Run, host: dict[Hashable, Any]) -> list[Record]:
+        if self._staged_together:
+            self._staged_together = False
+            return self._records_together(run, host)
         if not self._staged_order:
             return []
         stats = []
@@ -292,6 +334,169 @@ class _ActivationNorms(_Monitor):
             )
         ]
 
+    # under DDP: the statistics of the global batch ------------------------------------------------------------
+    def _reducer(self, op: Literal["sum", "max"]) -> _CrossRank:
+        if op not in self._reducers:
+            self._reducers[op] = _CrossRank(op)
+        return self._reducers[op]
+
+    def _local_units(self, name: str) -> int:
+        st = self._stats.get(name)
+        return int(st.alive.shape[0]) if st is not None and st.alive is not None else 0
+
+    def _collect_together(self, run: _Run) -> None:
+        """Reduce this logging step's statistics across the ranks, then stage the global values as one tensor.
+
+        Every rank reduces the same layout whatever it measured (a module that did not run on a rank adds
+        zeros there), fixed per fit by the hooked modules and the ReLU-like modules' unit counts:
+
+        - sum (float64 where the device has it, so element counts stay exact): the sum of squares of the
+          input and of each module's output, each module's saturated count, the element counts;
+        - max: a failure flag; each module's ``-(position in the forward)``, ``-inf`` when it did not run
+          (the global order is the earliest position on any rank); per ReLU-like module a flag "had a unit
+          mask of the agreed width" and a flag "had one of another width"; the unit masks (1: fired).
+
+        So the RMS and the saturated fraction are exact over the global batch, and a unit is dead only if it
+        fired on no rank (per batch, and over the window of sampled batches). The unit counts are agreed by
+        one more max-reduction and one host read at the first logging step of a fit, and again at the next
+        logging step after some rank saw a module at another width (that step reports no dead fraction for it).
+        """
+        device = run.pl_module.device
+        names = list(self.modules)
+        if self._units is None:
+            self._units = []
+            if self._relu:
+                local = torch.tensor([float(self._local_units(n)) for n in self._relu], device=device)
+                self._units = [int(u) for u in self._reducer("max").combine(local).tolist()]
+        units = self._units
+        big = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+        packed = None
+        if self._error is None:
+            try:
+                packed = self._pack(names, units, device, big)
+            except Exception as err:  # noqa: BLE001 - the other ranks are waiting in the collective
+                self._error = err
+        if packed is None:  # nothing measured, the failure flag set: every rank raises after the reduction
+            flags = torch.tensor([1.0] + [-math.inf] * len(names), device=device)
+            packed = (
+                torch.zeros(2 + 3 * len(names), dtype=big, device=device),
+                torch.cat([flags, torch.zeros(2 * len(units) + sum(units), device=device)]),
+            )
+        sums = self._reducer("sum").combine(packed[0])
+        maxima = self._reducer("max").combine(packed[1])
+        self._stats = {}
+        self._input = None
+        self._stage_together(run, sums, maxima, len(names), units)
+
+    def _pack(
+        self, names: list[str], units: list[int], device: torch.device, big: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        zero = torch.zeros((), dtype=big, device=device)
+        inp = self._input if self._input is not None and self._input.sumsq is not None else None
+        ran = [st if st is not None and st.sumsq is not None else None for st in map(self._stats.get, names)]
+        squares = [inp.sumsq if inp is not None else zero] + [st.sumsq if st is not None else zero for st in ran]
+        saturated = [st.saturated if st is not None and st.saturated is not None else zero for st in ran]
+        counts = [inp.numel if inp is not None else 0] + [st.numel if st is not None else 0 for st in ran]
+        local_sum = torch.cat(
+            [
+                torch.stack([t.to(device=device, dtype=big) for t in squares + saturated]),  # type: ignore[union-attr]
+                torch.tensor(counts, dtype=big, device=device),
+            ]
+        )
+        flags = [0.0] + [-float(st.order) if st is not None else -math.inf for st in ran]
+        masked: list[float] = []
+        conflict: list[float] = []
+        masks: list[Tensor] = []
+        for name, width in zip(self._relu, units):
+            st = self._stats.get(name)
+            alive = st.alive if st is not None else None
+            fits = alive is not None and alive.shape[0] == width
+            masked.append(float(fits))
+            conflict.append(float(alive is not None and not fits))
+            if width:
+                masks.append(alive.float() if fits and alive is not None else torch.zeros(width, device=device))
+        local_max = torch.cat([torch.tensor(flags + masked + conflict, device=device), *masks])
+        return local_sum, local_max
+
+    def _stage_together(self, run: _Run, sums: Tensor, maxima: Tensor, m: int, units: list[int]) -> None:
+        squares, saturated, counts = sums[: 1 + m], sums[1 + m : 1 + 2 * m], sums[1 + 2 * m :]
+        rms = (squares / counts.clamp_min(1)).sqrt()  # the input first, then the modules
+        sat = saturated / counts[1:].clamp_min(1)
+        flags = maxima[: 1 + m + 2 * len(units)]
+        masks = maxima[1 + m + 2 * len(units) :]
+        nan = torch.full((), math.nan, device=maxima.device)
+        dead: list[Tensor] = []
+        self._window_next = {}
+        offset = 0
+        for name, width in zip(self._relu, units):
+            if not width:
+                dead += [nan, nan]
+                continue
+            fired = masks[offset : offset + width] > 0.5  # on any rank
+            offset += width
+            hist = [a for a in self._window_alive.get(name, []) if a.shape == fired.shape]
+            window = hist[max(0, len(hist) - self.window + 1) :] + [fired]
+            self._window_next[name] = window  # kept by records() if a rank had this module's mask
+            dead += [N.dead_fraction([fired]), N.dead_fraction(window)]
+        parts = [counts[:1].float(), rms.float(), sat.float(), flags.float()]
+        if dead:
+            parts.append(torch.stack(dead).float())
+        run.stage((self.name, "together"), torch.cat(parts))
+
+    def _records_together(self, run: _Run, host: dict[Hashable, Any]) -> list[Record]:
+        names = list(self.modules)
+        m, r = len(names), len(self._relu)
+        v = host[(self.name, "together")]
+        input_count, rms, sat = v[0], v[1 : 2 + m], v[2 + m : 2 + 2 * m]
+        at = 2 + 2 * m
+        failed, order = v[at], v[at + 1 : at + 1 + m]
+        masked, conflict, dead = (
+            v[at + 1 + m : at + 1 + m + r],
+            v[at + 1 + m + r : at + 1 + m + 2 * r],
+            v[at + 1 + m + 2 * r :],
+        )
+        window_next, self._window_next = self._window_next, {}
+        if failed > 0:  # some rank failed: every rank raises here, at the same logging step
+            error, self._error = self._error, None
+            raise _deferred_error(error)
+        dead_of: dict[str, tuple[float, float]] = {}
+        for j, name in enumerate(self._relu):
+            if conflict[j] > 0.5:
+                self._units = None  # a rank saw another width: agree on the widths again at the next logging step
+            elif masked[j] > 0.5 and name in window_next:
+                self._window_alive[name] = window_next[name]
+                dead_of[name] = (dead[2 * j], dead[2 * j + 1])
+        ran = sorted((-order[i], i) for i in range(m) if order[i] != -math.inf)
+        if not ran:
+            return []
+        self._window_samples += 1
+        stats = []
+        for _, i in ran:
+            name = names[i]
+            kind = self.kinds.get(name, "")
+            d = dead_of.get(name)
+            stats.append(
+                ModuleStat(
+                    name,
+                    type(self.modules[name]).__name__,
+                    kind,
+                    rms[1 + i],
+                    dead_batch=d[0] if d is not None else None,
+                    dead_window=d[1] if d is not None else None,
+                    saturated=sat[i] if kind == "bounded" else None,
+                )
+            )
+        self.last_order = [names[i] for _, i in ran]
+        return [
+            ActivationSample(
+                run.flush_step,
+                tuple(stats),
+                input_rms=rms[0] if input_count > 0 else None,
+                window_samples=min(self._window_samples, self.window),
+                window=self.window,
+            )
+        ]
+
 
 class ActivationNormMonitor(_NormCheckBase):
     r"""Measure the outputs of leaf modules on sampled steps: RMS, dead units and saturation.
@@ -304,6 +509,14 @@ class ActivationNormMonitor(_NormCheckBase):
     a unit counts as dead only if it never fired. For tanh/sigmoid the fraction of outputs within
     ``1 - saturation_threshold`` of their bounds is measured. Validation, test and predict loops are
     not measured.
+
+    Under DDP each rank sees its shard of the batch. At each logging step the ranks' statistics are reduced
+    (torchmetrics states: a sum and a max, two small collectives; at the first logging step of a fit one more
+    max and a host read agree on the unit counts) so that rank zero reports the global batch. Exact: the RMS
+    and the saturated fraction over all ranks' outputs, and the dead fractions (a unit is dead only if it
+    fired on no rank; per batch, and over the window). A module that ran on some ranks only is measured over
+    those; the order of the modules is the earliest position any rank saw. The flush of a failed fit reports
+    rank zero's shard only.
 
     Args:
         log_every_n_steps: sampling cadence in optimizer steps (default: the Trainer's).

@@ -13,7 +13,7 @@ from lightning_normcheck.callbacks import _signals
 from lightning_normcheck.callbacks._args import _check_bool, _check_float
 from lightning_normcheck.callbacks._base import _Monitor, _NormCheckBase, _Run
 from lightning_normcheck.callbacks._emission import TOTAL_KEY
-from lightning_normcheck.diagnosis.records import GradientLayers, GradientTotals, LossCheck, Record
+from lightning_normcheck.diagnosis.records import GradientLayers, GradientTotals, LossCheck, LossSeries, Record
 from lightning_normcheck.diagnosis.thresholds import Thresholds
 
 
@@ -29,6 +29,7 @@ class _GradientNorms(_Monitor):
         self._totals: list[tuple[int, int, torch.Tensor]] = []  # (step, optimizer, total) since the last flush
         self._layers: list[tuple[int, int, list[str], torch.Tensor, list[str], torch.Tensor | None]] = []
         self._staged: tuple[list[tuple[int, int]], int, int] | None = None
+        self._loss_steps: list[int] = []
 
     def setup(self, run: _Run) -> None:
         self._bad_loss_step = self._bad_loss_value = None
@@ -83,6 +84,7 @@ class _GradientNorms(_Monitor):
         self._layers.append((step, k, labels, per_layer[present], names, per_tensor if names else None))
 
     def collect(self, run: _Run) -> None:
+        self._loss_steps = self._stage_losses(run, self._losses)
         self._check_losses()
         if self._bad_loss_step is not None and self._bad_loss_value is not None:
             run.stage((self.name, "loss_step"), self._bad_loss_step)
@@ -97,8 +99,25 @@ class _GradientNorms(_Monitor):
                 run.stage((self.name, "params", i), params)
         self._staged = ([(s, k) for s, k, _ in totals], len(self._layers), 0)
 
+    def _stage_losses(self, run: _Run, losses: list[tuple[int, torch.Tensor]]) -> list[int]:
+        """Stage the mean loss of each step (its micro-batches) as one vector; returns the steps."""
+        losses = [(s, x) for s, x in losses if x.numel()]
+        if not losses:
+            return []
+        steps = sorted({s for s, _ in losses})
+        pos = {s: i for i, s in enumerate(steps)}
+        device = losses[0][1].device
+        values = torch.stack([x.detach().reshape(-1)[0].float().to(device) for _, x in losses])
+        index = torch.tensor([pos[s] for s, _ in losses], device=device)
+        counts = torch.bincount(torch.tensor([pos[s] for s, _ in losses]), minlength=len(steps)).to(device)
+        run.stage((self.name, "losses"), values.new_zeros(len(steps)).index_add_(0, index, values) / counts)
+        return steps
+
     def records(self, run: _Run, host: dict[Hashable, Any]) -> list[Record]:
         out: list[Record] = []
+        if self._loss_steps and (self.name, "losses") in host:
+            out.append(LossSeries(tuple(self._loss_steps), tuple(host[(self.name, "losses")])))
+        self._loss_steps = []
         if (self.name, "loss_step") in host:
             out.append(LossCheck(int(host[(self.name, "loss_step")]), float(host[(self.name, "loss_value")])))
         keys = self._staged[0] if self._staged else []

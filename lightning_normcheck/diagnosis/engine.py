@@ -4,6 +4,7 @@
 (:mod:`~lightning_normcheck.diagnosis.data`, :mod:`~lightning_normcheck.diagnosis.spikes`,
 :mod:`~lightning_normcheck.diagnosis.nonfinite`, :mod:`~lightning_normcheck.diagnosis.gradients`,
 :mod:`~lightning_normcheck.diagnosis.activations`, :mod:`~lightning_normcheck.diagnosis.weights`,
+:mod:`~lightning_normcheck.diagnosis.updates`,
 :mod:`~lightning_normcheck.diagnosis.clipping`, :mod:`~lightning_normcheck.diagnosis.bugs`). The callbacks
 feed it the records of each logging step (and, at once, the records of a bug seen inside a hook); the
 ``lightning-normcheck`` report feeds it records built from logged scalars. Families run in a fixed order:
@@ -82,7 +83,17 @@ class Rules:
 
 
 def _families() -> list[type[Rules]]:
-    from lightning_normcheck.diagnosis import activations, bugs, clipping, data, gradients, nonfinite, spikes, weights
+    from lightning_normcheck.diagnosis import (
+        activations,
+        bugs,
+        clipping,
+        data,
+        gradients,
+        nonfinite,
+        spikes,
+        updates,
+        weights,
+    )
 
     return [
         data.DataRules,
@@ -91,6 +102,7 @@ def _families() -> list[type[Rules]]:
         gradients.GradientRules,
         activations.ActivationRules,
         weights.WeightRules,
+        updates.UpdateRules,
         clipping.ClipRules,
         bugs.BugRules,
     ]

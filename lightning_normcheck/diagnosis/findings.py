@@ -140,6 +140,8 @@ class FindingLog:
         old.count += 1
         old.last_step = max(old.last_step, int(step))
         if _rank(sev) > _rank(old.severity):
+            if old.severity == "info":  # a hint that became a problem: the problem is known from now
+                old.step, old.since = int(step), int(step if since is None else since)
             old.severity = sev
             old.message = message
             old.value = value

@@ -5,19 +5,21 @@ Depth is judged on the per-layer norms of sampled steps (:class:`GradientLayers`
 activation sample of the step shows it, within each optimizer's own layers. Growth is judged on the total
 norm of every optimizer step (:class:`GradientTotals`), one series per optimizer (a GAN's two optimizers
 differ in scale by orders of magnitude), over a window whose minimum is the reference: a healthy run starts
-high and falls, so the step-0 norm is none. A growth that falls back within a few steps was a burst of bad
-batches, and its finding becomes info (``gradient_spikes`` names the batches).
+high and falls, so the step-0 norm is none. A growth is reported once the next ``growth_fallback_steps`` steps
+confirm it (they stay high, or the norm turns non-finite, or training raises): a growth that falls back
+within them was a burst of bad batches and is only info (``gradient_spikes`` names the batches), and a burst in
+the last steps of a fit, with no steps after it, is not settled as an explosion.
 
 Example:
     >>> from lightning_normcheck.diagnosis.engine import Context
     >>> from lightning_normcheck.diagnosis.findings import FindingLog
     >>> from lightning_normcheck.diagnosis.thresholds import Thresholds
     >>> rules = GradientRules(Context(Thresholds()), FindingLog())
-    >>> climb = tuple(2.0 * 2.5**s for s in range(8))  # x2.5 per step: 2 -> 1.22e3, 610x
-    >>> rules.observe(Flush(7, (GradientTotals(steps=tuple(range(8)), totals=climb, optimizers=(0,) * 8),)))
+    >>> climb = tuple(2.0 * 2.5**s for s in range(11))  # x2.5 per step: 610x by step 7, and on
+    >>> rules.observe(Flush(10, (GradientTotals(steps=tuple(range(11)), totals=climb, optimizers=(0,) * 11),)))
     >>> f = rules.log.get("exploding_gradients")
     >>> f.severity, f.step, f.since, round(f.value), "2.50x per step" in f.message
-    ('warning', 7, 0, 610, True)
+    ('warning', 10, 0, 610, True)
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ from typing import Any
 from lightning_normcheck.diagnosis.engine import Context, Flush, Rules
 from lightning_normcheck.diagnosis.findings import FindingLog
 from lightning_normcheck.diagnosis.nonfinite import has_data_cause, has_nonfinite_finding, step_totals
-from lightning_normcheck.diagnosis.records import ROOT_LABEL, ActivationSample, GradientLayers, GradientTotals
+from lightning_normcheck.diagnosis.records import (
+    ROOT_LABEL,
+    ActivationSample,
+    GradientLayers,
+    GradientTotals,
+    TrainingError,
+)
 from lightning_normcheck.diagnosis.registry import Severity, compose
 from lightning_normcheck.diagnosis.thresholds import GradientThresholds
 
@@ -116,9 +124,10 @@ def judged_series(series: Sequence[tuple[int, float]]) -> tuple[list[tuple[int, 
     return [(s, v) for s, v in series[:bad] if v > 0], bad == len(series)
 
 
-def find_growth(series: Sequence[tuple[int, float]], th: GradientThresholds) -> Growth | None:
+def find_growth(series: Sequence[tuple[int, float]], th: GradientThresholds, scale: float = 0.0) -> Growth | None:
     """A growth of the total norm by ``grad_growth`` over the last ``grad_window`` steps that persists, rises
-    on most steps and passes the run's start (``series``: finite, positive totals in step order)."""
+    on most steps and passes the run's start and ``scale``, the highest running median the run has shown
+    (``series``: finite, positive totals in step order)."""
     window = series[-th.grad_window :]
     if len(window) < th.grad_min_steps:
         return None
@@ -139,6 +148,11 @@ def find_growth(series: Sequence[tuple[int, float]], th: GradientThresholds) -> 
     hi = vals[-1]
     if hi < th.grad_start_factor * start_max and hi / lo < th.grad_growth * th.grad_start_factor:
         return None
+    # against the scale the run has shown: a converged model's norm can jump 1000x from a collapsed level and
+    # still stay below the level it had while it learned (a transformer classifier at 100% accuracy: 4e-4 ->
+    # 0.5, its highest running median ~1); an explosion passes every level the run has had
+    if hi < scale:
+        return None
     return Growth(lo, window[lo_i][0], hi, window[-1][0], rises, len(tail) - 1)
 
 
@@ -152,6 +166,22 @@ def fell_back(series: Sequence[tuple[int, float]], since: int, low: float, th: G
     if statistics.median(recent) >= math.sqrt(th.grad_growth) * low:
         return None
     return recent[-1]
+
+
+def confirm_growth(raw: Sequence[tuple[int, float]], g: Growth, th: GradientThresholds) -> tuple[str, int]:
+    """``("confirmed", step)`` when the ``growth_fallback_steps`` steps after the growth's peak stay high (their
+    median at least sqrt(grad_growth) x the growth's low) or a later total is non-finite; ``("fell back",
+    step)`` when they came back down; ``("", -1)`` while those steps are still to come (``raw``: the totals of
+    one optimizer in step order, zero totals and non-finite ones included)."""
+    after = [(s, v) for s, v in raw if s > g.high_step and v != 0.0]
+    bad = next((s for s, v in after if not math.isfinite(v)), None)
+    finite = [(s, v) for s, v in after if math.isfinite(v)][: th.growth_fallback_steps]
+    if bad is not None and (len(finite) < th.growth_fallback_steps or bad <= finite[-1][0]):
+        return "confirmed", bad
+    if len(finite) < th.growth_fallback_steps:
+        return "", -1
+    high = statistics.median(v for _, v in finite) >= math.sqrt(th.grad_growth) * g.low
+    return ("confirmed" if high else "fell back"), finite[-1][0]
 
 
 def largest_layer(norms: dict[str, float]) -> str | None:
@@ -173,6 +203,10 @@ class GradientRules(Rules):
         self._depth: dict[str, deque[tuple[int, float]]] = {}  # layer group -> (step, depth ratio)
         self._groups: dict[int, list[str]] = {}  # optimizer -> the layers its gradients were seen in
         self._growth: dict[str, Any] = {}  # the reported growth: optimizer, low, step
+        self._pending: dict[int, Growth] = {}  # optimizer -> a growth awaiting the steps that confirm it
+        self._judged: dict[int, int] = {}  # optimizer -> the last step judged for a growth
+        self._recent: dict[int, deque[float]] = {}  # optimizer -> its latest finite totals
+        self._scale: dict[int, float] = {}  # optimizer -> the highest running median of its totals so far
 
     @property
     def th(self) -> GradientThresholds:
@@ -185,6 +219,7 @@ class GradientRules(Rules):
         stepped: set[int] = set()
         for k, s, v in step_totals(flush.of(GradientTotals)):
             self._series(k).append((s, v))
+            self._track_scale(k, v)
             stepped.add(k)
         layers = flush.of(GradientLayers)
         self._remember_groups(layers)
@@ -199,6 +234,15 @@ class GradientRules(Rules):
         norms = {n: v for r in layers if r.step == latest for n, v in r.as_dict().items()}
         for k in sorted(stepped) or [0]:
             self._judge_growth(k, norms, latest)
+
+    def _track_scale(self, k: int, v: float) -> None:
+        """The highest running median of optimizer ``k``'s totals over the whole run (the level it has shown)."""
+        th = self.th
+        recent = self._recent.setdefault(k, deque(maxlen=th.spike_window))
+        if math.isfinite(v) and v > 0:
+            recent.append(v)
+        if len(recent) >= th.spike_min_history:
+            self._scale[k] = max(self._scale.get(k, 0.0), statistics.median(recent))
 
     def _series(self, k: int) -> deque[tuple[int, float]]:
         return self._totals.setdefault(k, deque(maxlen=self.th.grad_history))
@@ -277,19 +321,74 @@ class GradientRules(Rules):
 
     # -- growth ------------------------------------------------------------------------------------------------
     def _judge_growth(self, k: int, norms: dict[str, float], layers_step: int) -> None:
-        series, finite = judged_series(list(self._totals.get(k, ())))
+        raw = list(self._totals.get(k, ()))
+        series, finite = judged_series(raw)
         known = self.log.get("exploding_gradients")
         if known is not None and known.severity != "info":
             if finite and self._growth.get("optimizer") == k:
                 self._judge_fallback(series)
             return
         if has_data_cause(self.log):
+            self._pending.pop(k, None)
             return
-        growth = find_growth(series, self.th)
-        if growth is not None:
-            self._report_growth(k, growth, norms, layers_step)
+        growth = self._pending.get(k) or self._first_growth(k, series)
+        if growth is None:
+            return
+        self._pending[k] = growth
+        verdict, at = confirm_growth(raw, growth, self.th)
+        if verdict:
+            del self._pending[k]
+            self._judged[k] = max(self._judged.get(k, -1), at)  # the steps up to here belong to this growth
+        if verdict == "confirmed":
+            self._report_growth(k, growth, norms, layers_step, known_at=at)
+        elif verdict == "fell back":
+            self._report_burst(growth, at, series)
 
-    def _report_growth(self, k: int, g: Growth, norms: dict[str, float], layers_step: int) -> None:
+    def _first_growth(self, k: int, series: list[tuple[int, float]]) -> Growth | None:
+        """The growth as of the first step since the last judgement at which it shows (the steps after it are
+        then the ones that confirm it, even when a long logging interval delivers them all at once)."""
+        done = self._judged.get(k, -1)
+        self._judged[k] = series[-1][0] if series else done
+        for i, (s, _) in enumerate(series):
+            if s > done:
+                growth = find_growth(series[: i + 1], self.th, self._scale.get(k, 0.0))
+                if growth is not None:
+                    return growth
+        return None
+
+    def explain(self, error: TrainingError) -> None:
+        """Training raised while a growth awaited its confirming steps: the exception confirms it."""
+        for k, growth in sorted(self._pending.items()):
+            known = self.log.get("exploding_gradients")
+            if (known is None or known.severity == "info") and not has_data_cause(self.log):
+                self._report_growth(k, growth, {}, growth.high_step, known_at=error.step)
+                if not has_nonfinite_finding(self.log):  # else the first non-finite value carries the exception
+                    text = f"{error.type_name}: {error.text}" if error.text else error.type_name
+                    sentence = (
+                        f"Training then raised {text} at step {error.step}: most likely a consequence of this"
+                        f" exploding gradients (seen from step {growth.low_step})."
+                    )
+                    self.log.annotate("exploding_gradients", None, "exception", sentence, exception=text)
+        self._pending = {}
+
+    def _report_burst(self, g: Growth, at: int, series: list[tuple[int, float]]) -> None:
+        latest = next((v for s, v in reversed(series) if s <= at), g.high)
+        seen = (
+            f"the total gradient norm grew {_fmt(g.factor)}x (from {_fmt(g.low)} at step {g.low_step}) up to step"
+            f" {g.high_step} and then fell back to {_fmt(latest)} within {self.th.growth_fallback_steps} steps:"
+            " a burst, not a sustained explosion"
+        )
+        message = compose(
+            "exploding_gradients",
+            seen,
+            causes=("a few bad batches in a row that knocked the weights (see gradient_spikes for the batches)",),
+            fixes=("check those batches (gradient_spikes lists them)",),
+        )
+        self.log.report("exploding_gradients", "info", at, None, message, value=g.factor, since=g.low_step)
+
+    def _report_growth(
+        self, k: int, g: Growth, norms: dict[str, float], layers_step: int, known_at: int | None = None
+    ) -> None:
         th = self.th
         which = f" of optimizer {k}" if len(self._totals) > 1 else ""
         seen = (
@@ -306,7 +405,7 @@ class GradientRules(Rules):
         self.log.report(
             "exploding_gradients",
             severity,
-            g.high_step,
+            g.high_step if known_at is None else known_at,
             None,
             message,
             value=g.factor,
@@ -346,6 +445,12 @@ class GradientRules(Rules):
             "depth": {key: [[s, r] for s, r in h] for key, h in self._depth.items()},
             "groups": {str(k): list(g) for k, g in self._groups.items()},
             "growth": dict(self._growth),
+            "judged": {str(k): s for k, s in self._judged.items()},
+            "recent": {str(k): list(r) for k, r in self._recent.items()},
+            "scale": {str(k): v for k, v in self._scale.items()},
+            "pending": {
+                str(k): [g.low, g.low_step, g.high, g.high_step, g.rises, g.changes] for k, g in self._pending.items()
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -360,6 +465,15 @@ class GradientRules(Rules):
         }
         self._groups = {int(k): [str(n) for n in g] for k, g in state.get("groups", {}).items()}
         self._growth = dict(state.get("growth", {}))
+        self._judged = {int(k): int(s) for k, s in state.get("judged", {}).items()}
+        self._recent = {
+            int(k): deque((float(v) for v in r), maxlen=th.spike_window) for k, r in state.get("recent", {}).items()
+        }
+        self._scale = {int(k): float(v) for k, v in state.get("scale", {}).items()}
+        self._pending = {
+            int(k): Growth(float(a), int(b), float(c), int(d), int(e), int(f))
+            for k, (a, b, c, d, e, f) in state.get("pending", {}).items()
+        }
 
 
 __all__ = [
@@ -368,6 +482,7 @@ __all__ = [
     "depth_chain",
     "depth_ratio",
     "depth_verdict",
+    "confirm_growth",
     "execution_order",
     "fell_back",
     "find_growth",

@@ -110,6 +110,15 @@ class GradientLayers:
 
 
 @dataclass(frozen=True)
+class LossSeries:
+    """The training loss of every optimizer step since the last logging step (the mean of the step's
+    micro-batches, as given to backward; ``nan`` or ``inf`` where it was not finite)."""
+
+    steps: tuple[int, ...]
+    values: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class LossCheck:
     """The first non-finite loss of the run so far (``step`` -1: none), kept on the device until a flush."""
 
@@ -320,6 +329,7 @@ class StepBatches:
 
     batches: dict[int, str] = field(default_factory=dict)  # step -> "epoch 0, batch 17"
     task: str = ""
+    labels: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)  # step -> ((label, count), ...)
 
 
 # -- training-loop bugs ------------------------------------------------------------------------------------
@@ -436,6 +446,7 @@ Record = (
     | GradientTotals
     | GradientLayers
     | LossCheck
+    | LossSeries
     | ActivationSample
     | WeightSample
     | UpdateSample

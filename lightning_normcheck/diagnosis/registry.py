@@ -296,6 +296,38 @@ _SPECS = (
             " un-normalize predictions (pred * std + mean) for metrics and inference",
         ),
     ),
+    CodeSpec(
+        "learning_rate_too_high",
+        "warning",
+        "learning rate too high",
+        (
+            "the learning rate is far too high for this model and optimizer",
+            "no warm-up (Adam/AdamW move every weight by ~lr on their first steps)",
+            "a per-group LR or LR multiplier that scales every layer up",
+        ),
+        (
+            "lower the learning rate (the message names one to try)",
+            "add a linear warm-up over the first few hundred steps",
+            "clip gradients (gradient_clip_val=1.0)",
+        ),
+    ),
+    CodeSpec(
+        "zero_gradients",
+        "error",
+        "optimizer steps with zero gradients",
+        (
+            "`opt.zero_grad()` called between `backward` and `step` (the gradients are cleared before they are used)",
+            "a loss built from detached tensors (`.detach()`, `.item()`, `torch.no_grad()`, a tensor rebuilt from"
+            " numpy)",
+            "parameters that are not in the graph (the optimizer holds another module's parameters, or a module"
+            " that forward never uses)",
+        ),
+        (
+            "call `opt.zero_grad()` before `backward` (or right after `step`), never between them",
+            "compute the loss from the model's outputs without detaching them",
+            "check that `configure_optimizers` passes the parameters forward uses",
+        ),
+    ),
 )
 
 #: Every registered code, by name.

@@ -9,6 +9,14 @@ are on their own scale and are judged in their own window. A step with a total o
 (``training_step`` returned ``None``) and is no sample; a non-finite total is another finding's business and
 drops the spikes awaiting their fall-back.
 
+A spike must also stand out against the scale the run has shown, not only against a median that shrinks as
+the loss goes to zero: its norm at least ``spike_run_scale`` x the highest running median seen so far. A
+converged classifier's gradient norms are heavy-tailed (easy batches tiny, a batch with one hard example
+100x their median but below the norms the run had while it learned), and that is not a problem. The one
+exception: with integer labels, spikes whose batches share a label that is rare in the data seen so far
+(below ``rare_label_fraction`` of the labels) are a rare class the model keeps getting wrong, whatever the
+run's scale.
+
 The finding is known at the step whose total confirmed the fall-back of its first spike (``since``: that
 spike's step) and is revised with every later spike: their steps, factors and batches are in its ``extra``.
 
@@ -79,10 +87,16 @@ class Spike:
     median: float
     batch: str
     confirmed: int = -1
+    peak: float = 0.0  # the highest running median of the run before this spike
 
     @property
     def factor(self) -> float:
         return self.norm / self.median
+
+    @property
+    def over_run_scale(self) -> float:
+        """The spike's norm over the highest running median the run had shown before it."""
+        return self.norm / self.peak if self.peak > 0 else math.inf
 
 
 @dataclass
@@ -98,11 +112,17 @@ class SpikeWindow:
     count: int = 0
     max_factor: float = 0.0
     last_step: int = -1
+    peak: float = 0.0  # the highest running median so far (the scale the run has shown)
 
     def update(
-        self, totals: Sequence[tuple[int, float]], batch_of: Callable[[int], str], th: GradientThresholds
+        self,
+        totals: Sequence[tuple[int, float]],
+        batch_of: Callable[[int], str],
+        th: GradientThresholds,
+        keep: Callable[[Spike], bool] = lambda spike: True,
     ) -> list[Spike]:
-        """Feed ``(step, total)`` pairs in step order; return the spikes whose fall-back they confirmed."""
+        """Feed ``(step, total)`` pairs in step order; return the spikes whose fall-back they confirmed and that
+        ``keep`` keeps (the others fell back too, but are not spikes of this run)."""
         if self.window.maxlen != th.spike_window:
             self.window = deque(self.window, maxlen=th.spike_window)
         confirmed: list[Spike] = []
@@ -118,8 +138,11 @@ class SpikeWindow:
             confirmed += self._fall_back(step, value, th)
             median = self._baseline(th)
             if median is not None and median > 0 and value > th.spike_factor * median:
-                self.pending.append((Spike(step, value, median, batch_of(step)), 0))
+                self.pending.append((Spike(step, value, median, batch_of(step), peak=self.peak), 0))
+            if median is not None:
+                self.peak = max(self.peak, median)
             self.window.append(value)
+        confirmed = [spike for spike in confirmed if keep(spike)]
         for spike in confirmed:
             self.count += 1
             self.max_factor = max(self.max_factor, spike.factor)
@@ -155,6 +178,7 @@ class SpikeWindow:
             "count": self.count,
             "max_factor": self.max_factor,
             "last_step": self.last_step,
+            "peak": self.peak,
         }
 
     @classmethod
@@ -166,6 +190,7 @@ class SpikeWindow:
             count=int(state.get("count", 0)),
             max_factor=float(state.get("max_factor", 0.0)),
             last_step=int(state.get("last_step", -1)),
+            peak=float(state.get("peak", 0.0)),
         )
 
 
@@ -180,6 +205,8 @@ class SpikeRules(Rules):
         self.windows: dict[int, SpikeWindow] = {}  # optimizer index -> its running-median window
         self.batches: dict[int, str] = {}  # step -> "epoch 0, batch 17", the last MAX_STEPS_PER_BATCH steps
         self.task = ""  # "classification", "regression" or "" (unknown): the latest batch's
+        self.label_counts: dict[int, int] = {}  # label -> how often it was seen in training batches
+        self.step_labels: dict[int, set[int]] = {}  # step -> the labels of its batch (recent steps only)
 
     def observe(self, flush: Flush) -> None:
         for sample in flush.of(BatchSample):
@@ -187,12 +214,35 @@ class SpikeRules(Rules):
         for rec in flush.of(StepBatches):
             self.batches.update(rec.batches)
             self.task = rec.task or self.task
+            self._count_labels(rec.labels)
         records = flush.of(GradientTotals)
         if records:
             self._judge(records)
         if self.batches:  # only the steps a later step may still look back to
             latest = max(self.batches)
             self.batches = {s: b for s, b in self.batches.items() if s >= latest - MAX_STEPS_PER_BATCH}
+        pending = min((sp.step for w in self.windows.values() for sp, _ in w.pending), default=None)
+        last = max(self.step_labels, default=0)
+        oldest = min(pending if pending is not None else last, last - MAX_STEPS_PER_BATCH)
+        self.step_labels = {s: v for s, v in self.step_labels.items() if s >= oldest}
+
+    def _count_labels(self, labels: dict[int, tuple[tuple[int, int], ...]]) -> None:
+        for step, counts in labels.items():
+            self.step_labels.setdefault(step, set()).update(label for label, _ in counts)
+            for label, n in counts:
+                self.label_counts[label] = self.label_counts.get(label, 0) + n
+
+    def rare_labels(self, step: int) -> set[int]:
+        """The labels of ``step``'s batch that are rare among all labels seen so far."""
+        th = self.ctx.thresholds.gradients
+        total = sum(self.label_counts.values())
+        labels = self.step_labels.get(step, set())
+        return {label for label in labels if total and self.label_counts.get(label, 0) < th.rare_label_fraction * total}
+
+    def _keep(self, spike: Spike) -> bool:
+        """A spike of this run: above the run's scale, or (integer labels) in a batch holding a rare label."""
+        th = self.ctx.thresholds.gradients
+        return spike.over_run_scale >= th.spike_run_scale or bool(self.rare_labels(spike.step))
 
     def _judge(self, records: list[GradientTotals]) -> None:
         th = self.ctx.thresholds.gradients
@@ -205,7 +255,7 @@ class SpikeRules(Rules):
         for k, series in sorted(per_opt.items()):
             name = self._optimizer_name(k) if several else ""
             window = self.windows.setdefault(k, SpikeWindow(window=deque(maxlen=th.spike_window)))
-            new += window.update(sorted(series), functools.partial(self._where, optimizer=name), th)
+            new += window.update(sorted(series), functools.partial(self._where, optimizer=name), th, self._keep)
         if new:
             self._report(new)
 
@@ -275,6 +325,8 @@ class SpikeRules(Rules):
             "others": others,
             "batches": {str(s): b for s, b in self.batches.items()},
             "task": self.task,
+            "label_counts": {str(k): n for k, n in self.label_counts.items()},
+            "step_labels": {str(s): sorted(v) for s, v in self.step_labels.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -286,6 +338,8 @@ class SpikeRules(Rules):
             self.windows[int(k)] = SpikeWindow.from_state(w, th)
         self.batches = {int(s): str(b) for s, b in state.get("batches", {}).items()}
         self.task = str(state.get("task", ""))
+        self.label_counts = {int(k): int(n) for k, n in state.get("label_counts", {}).items()}
+        self.step_labels = {int(s): {int(x) for x in v} for s, v in state.get("step_labels", {}).items()}
 
 
 __all__ = ["MAX_STEPS_PER_BATCH", "Spike", "SpikeRules", "SpikeWindow"]

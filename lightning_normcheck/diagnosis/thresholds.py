@@ -178,6 +178,14 @@ class GradientThresholds:
     spike_fallback_steps: int = _count(3)
     fallback_band: float = 3.0
     fallback_drop: float = 5.0
+    #: A spike must also reach this many times the highest running median the run has shown: a converged
+    #: classifier's norms are heavy-tailed once its loss nears 0 (a small transformer at 100% held-out accuracy:
+    #: easy batches 0.001-0.02, a hard example's batch 13-55x the collapsing median, yet at most 5.5x the run's
+    #: highest median), while a corrupted label in a steady run is 86-92x both.
+    spike_run_scale: float = 10.0
+    #: With integer labels, a label below this fraction of the labels seen is rare: spikes in batches holding it
+    #: are a rare class the model keeps getting wrong even below the run's scale (the suite's rare class: 1%).
+    rare_label_fraction: float = _fraction(0.05)
     #: Spike steps kept for the message and the finding's details (bounded memory).
     spike_max_listed: int = _count(50)
 
@@ -294,6 +302,40 @@ class BugThresholds:
 
 
 @dataclass(frozen=True)
+class UpdateThresholds:
+    """Optimizer steps that change nothing (zero gradients) or far too much (learning rate too high)."""
+
+    #: Steps in a row of one optimizer with every gradient zero or None: a skipped batch (training_step
+    #: returning None) gives single zero steps between real ones (the suite's skipped-batch run: 30 of 60,
+    #: never two in a row), so 8 in a row is no skipped batch; 8 fits in the first 20 steps.
+    zero_grad_steps: int = _count(8)
+    #: Median over layers of the update-to-weight ratio ||w_after - w_before|| / ||w_after|| of a sampled step.
+    #: Healthy runs of the scenario suite (3 seeds, 52 runs, the first 20 steps sampled) peak at 0.26 (a
+    #: sigmoid-output MLP with Adam), 0.12 (Adam at lr 3e-2 that converges) and below 0.09 elsewhere; the
+    #: planted too-high learning rates measure 0.7-1.0 (AdamW at lr 1.0 on a small transformer: 0.99).
+    lr_update_ratio: float = 0.5
+    #: Sampled steps with the ratio that high. One is enough with the damage required below: the ratio falls
+    #: as the weights grow (AdamW at lr 1.0: 0.99 at step 0, 0.50 at step 1, 0.31 at step 2, the weights
+    #: 8x larger after one step).
+    lr_samples: int = _count(1)
+    #: The damage that confirms it: each loss of the latest steps at least this many times the lowest loss of
+    #: the first steps (a run that learns falls; AdamW at lr 1.0 on a small transformer went 4.2 -> 26 by
+    #: step 2, 50-100 after; squared, it makes the finding an error)...
+    lr_loss_rise: float = 2.0
+    #: ...over this many steps (the first ones for the reference, the latest ones for the rise: all of them
+    #: must be that high, a single bad batch is no damage)...
+    lr_loss_steps: int = _count(3)
+    #: ...or every layer's weights growing together: the median layer's weight norm this many times its
+    #: start (healthy suite runs: at most 4.4x; the planted too-high learning rates 1e8x+, AdamW at lr 1.0 190x).
+    lr_weight_growth: float = 10.0
+    #: The update-to-weight ratio an LR to try aims at: the usual rule of thumb of ~1e-3 per step.
+    lr_target_ratio: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+
+
+@dataclass(frozen=True)
 class Thresholds:
     """The thresholds of every rule family (each a frozen dataclass with documented defaults)."""
 
@@ -304,6 +346,7 @@ class Thresholds:
     clipping: ClipThresholds = field(default_factory=ClipThresholds)
     data: DataThresholds = field(default_factory=DataThresholds)
     bugs: BugThresholds = field(default_factory=BugThresholds)
+    updates: UpdateThresholds = field(default_factory=UpdateThresholds)
 
 
 __all__ = [
@@ -314,5 +357,6 @@ __all__ = [
     "GradientThresholds",
     "InitThresholds",
     "Thresholds",
+    "UpdateThresholds",
     "WeightThresholds",
 ]

@@ -1,5 +1,5 @@
-"""Run by tests/test_guard.py: 2-process DDP on CPU (gloo) with NormCheck(stop_on="warning"). Only rank 1's shard
-of each batch holds a raw feature in the thousands (input_scale on rank 1 only); both ranks must stop together."""
+"""Run by tests/test_guard.py: 2-process DDP on CPU (gloo) with NormCheck(stop_on="error"). Only rank 1 forgets
+``opt.zero_grad()`` (a loop bug on one rank: only rank 1 sees missing_zero_grad); both ranks must stop together."""
 
 from __future__ import annotations
 
@@ -9,35 +9,34 @@ import sys
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import LitModel  # noqa: E402
+from helpers import LitModel, loader, regression_data  # noqa: E402
 
 from lightning_normcheck import NormCheck  # noqa: E402
 
 
+class OneRankBug(LitModel):
+    def __init__(self) -> None:
+        super().__init__(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)), lr=0.01)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        opt = self.optimizers()
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        if self.global_rank == 0:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
 def main(out_dir: str) -> None:
     L.seed_everything(0)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(640, 8, generator=g)
-    y = x.sum(1, keepdim=True) / 3
-    big = 5000.0 + 100.0 * torch.rand(640, generator=g)
-
-    class RankData(TensorDataset):
-        """Rank 1 reads column 3 as raw values in the thousands; rank 0 reads it standardized."""
-
-        def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
-            xi, yi = super().__getitem__(i)
-            if torch.distributed.get_rank() == 1:
-                xi = xi.clone()
-                xi[3] = big[i]
-            return xi, yi
-
-    data = DataLoader(RankData(x, y), batch_size=16, shuffle=False)
-    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
-    cb = NormCheck(stop_on="warning", print_summary=False)
+    cb = NormCheck(stop_on="error", print_summary=False)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -50,12 +49,11 @@ def main(out_dir: str) -> None:
         enable_checkpointing=False,
         callbacks=[cb],
     )
-    trainer.fit(LitModel(net, lr=1e-6), data)
+    trainer.fit(OneRankBug(), loader(regression_data(n=1280), 16))
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
         json.dump(
             {
                 "codes": [x.code for x in cb.findings if x.severity != "info"],
-                "messages": [x.message for x in cb.findings if x.severity != "info"],
                 "global_step": trainer.global_step,
                 "stopped_by": cb.stopped_by.code if cb.stopped_by else None,
             },
