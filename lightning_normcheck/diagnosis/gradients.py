@@ -39,6 +39,7 @@ from lightning_normcheck.diagnosis.records import (
     ActivationSample,
     GradientLayers,
     GradientTotals,
+    LossSeries,
     TrainingError,
 )
 from lightning_normcheck.diagnosis.registry import Severity, compose
@@ -207,6 +208,9 @@ class GradientRules(Rules):
         self._judged: dict[int, int] = {}  # optimizer -> the last step judged for a growth
         self._recent: dict[int, deque[float]] = {}  # optimizer -> its latest finite totals
         self._scale: dict[int, float] = {}  # optimizer -> the highest running median of its totals so far
+        self._loss_start: float | None = None  # the lowest loss of the run's first steps
+        self._loss_seen = 0
+        self._losses: dict[int, float] = {}  # step -> loss, the latest grad_history steps
 
     @property
     def th(self) -> GradientThresholds:
@@ -221,6 +225,8 @@ class GradientRules(Rules):
             self._series(k).append((s, v))
             self._track_scale(k, v)
             stepped.add(k)
+        for losses in flush.of(LossSeries):
+            self._track_losses(losses)
         layers = flush.of(GradientLayers)
         self._remember_groups(layers)
         sample = flush.first(ActivationSample)
@@ -234,6 +240,27 @@ class GradientRules(Rules):
         norms = {n: v for r in layers if r.step == latest for n, v in r.as_dict().items()}
         for k in sorted(stepped) or [0]:
             self._judge_growth(k, norms, latest)
+
+    def _track_losses(self, losses: LossSeries) -> None:
+        """The lowest loss of the run's first steps (where a divergence must climb back above), and the latest
+        losses by step."""
+        th = self.th
+        for step, v in zip(losses.steps, losses.values):
+            if self._loss_seen < th.grad_start_steps:
+                self._loss_seen += 1
+                if math.isfinite(v):
+                    self._loss_start = v if self._loss_start is None else min(self._loss_start, v)
+            self._losses[step] = v
+        for step in sorted(self._losses)[: max(0, len(self._losses) - th.grad_history)]:
+            del self._losses[step]
+
+    def _diverging(self, g: Growth, at: int) -> bool:
+        """Whether the loss during the growth says the run diverges: it climbed back to the level the run started
+        at (``growth_loss_rise`` x its lowest first loss) or went non-finite. Without losses, the norms decide."""
+        during = [v for s, v in self._losses.items() if g.low_step <= s <= at]
+        if self._loss_start is None or not during:
+            return True
+        return any(not math.isfinite(v) or v >= self.th.growth_loss_rise * self._loss_start for v in during)
 
     def _track_scale(self, k: int, v: float) -> None:
         """The highest running median of optimizer ``k``'s totals over the whole run (the level it has shown)."""
@@ -339,8 +366,12 @@ class GradientRules(Rules):
         if verdict:
             del self._pending[k]
             self._judged[k] = max(self._judged.get(k, -1), at)  # the steps up to here belong to this growth
+        if verdict == "confirmed" and not self._diverging(growth, at):
+            verdict = "fell back"  # the norm stayed up a few steps, but the loss stayed below where the run began
         if verdict == "confirmed":
-            self._report_growth(k, growth, norms, layers_step, known_at=at)
+            self._report_growth(k, growth, norms if growth.low_step <= layers_step <= at else {}, layers_step, at)
+            if finite:
+                self._judge_fallback(series)  # the steps after the confirming ones may show it fell back
         elif verdict == "fell back":
             self._report_burst(growth, at, series)
 
@@ -448,6 +479,9 @@ class GradientRules(Rules):
             "judged": {str(k): s for k, s in self._judged.items()},
             "recent": {str(k): list(r) for k, r in self._recent.items()},
             "scale": {str(k): v for k, v in self._scale.items()},
+            "loss_start": self._loss_start,
+            "loss_seen": self._loss_seen,
+            "losses": {str(s): v for s, v in self._losses.items()},
             "pending": {
                 str(k): [g.low, g.low_step, g.high, g.high_step, g.rises, g.changes] for k, g in self._pending.items()
             },
@@ -470,6 +504,10 @@ class GradientRules(Rules):
             int(k): deque((float(v) for v in r), maxlen=th.spike_window) for k, r in state.get("recent", {}).items()
         }
         self._scale = {int(k): float(v) for k, v in state.get("scale", {}).items()}
+        start = state.get("loss_start")
+        self._loss_start = float(start) if start is not None else None
+        self._loss_seen = int(state.get("loss_seen", 0))
+        self._losses = {int(s): float(v) for s, v in state.get("losses", {}).items()}
         self._pending = {
             int(k): Growth(float(a), int(b), float(c), int(d), int(e), int(f))
             for k, (a, b, c, d, e, f) in state.get("pending", {}).items()

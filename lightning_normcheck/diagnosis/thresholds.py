@@ -153,6 +153,11 @@ class GradientThresholds:
     #: Finite steps after a reported growth whose median must be back within sqrt(grad_growth) = 10x of the
     #: growth's start for the finding to become info (a burst of bad batches, measured 200 -> 684 -> 4).
     growth_fallback_steps: int = _count(3)
+    #: A growth of the norm is a divergence only when the loss during it climbs back to this many times the
+    #: lowest loss of the run's first steps (or goes non-finite): a converged classifier's burst of hard
+    #: examples lifted the norm 0.04 -> 40 for 5+ steps while its loss stayed at 0.15-0.55 against a start of
+    #: 0.69 (a BERT-style encoder at 100% held-out accuracy); a diverging run's loss passes its start.
+    growth_loss_rise: float = 1.0
     #: Total gradient norm at init that is reported as exploding, when activations also explode with depth
     #: from initialization: healthy runs start at up to ~80 and fall; 1e3 is 10x beyond.
     init_grad_norm: float = 1e3
