@@ -3,13 +3,23 @@
 Example (shell)::
 
     normcheck-demo fit --config configs/demo.yaml
+    normcheck-demo fit --config demo.yaml --config demo_problems.yaml   # the configs shipped in the package
     normcheck-demo fit --config configs/demo.yaml --print_config
     tensorboard --logdir normcheck_runs
+
+A ``--config`` value that is not a file but names one of the package's configs (``demo.yaml``,
+``norm_check.yaml``, ... in ``lightning_normcheck/configs``) is read from the package, so a ``pip install``
+without the repository still has the demo.
+
+Example:
+    >>> resolve_configs(["fit", "--config", "demo.yaml"])[2].endswith("lightning_normcheck/configs/demo.yaml")
+    True
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -34,12 +44,40 @@ def _report(cli: LightningCLI) -> None:
                 print(f"  {f}")
 
 
+#: The configs shipped inside the package.
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_configs(args: Sequence[str]) -> list[str]:
+    """``args`` with every ``--config NAME`` (or ``--config=NAME``) that is not a file but names a shipped config
+    replaced by that config's path."""
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == "--config" and i + 1 < len(out):
+            out[i + 1] = _shipped(out[i + 1])
+        elif a.startswith("--config="):
+            out[i] = "--config=" + _shipped(a[len("--config=") :])
+    return out
+
+
+def _shipped(value: str) -> str:
+    if Path(value).is_file():
+        return value
+    name = Path(value).name
+    for candidate in (name, f"{name}.yaml"):
+        if (CONFIGS / candidate).is_file():
+            return str(CONFIGS / candidate)
+    return value
+
+
 def run(args: Sequence[str] | None = None) -> LightningCLI:
     """Run the demo CLI (``args`` as on the command line; default ``sys.argv[1:]``) and return it."""
+    import sys
+
     cli = LightningCLI(
         DemoModel,
         DemoDataModule,
-        args=list(args) if args is not None else None,
+        args=resolve_configs(args if args is not None else sys.argv[1:]),
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
     )

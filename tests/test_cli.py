@@ -107,3 +107,18 @@ def test_console_script_is_installed() -> None:
 
     exe = shutil.which("normcheck-demo") or os.path.join(os.path.dirname(os.sys.executable), "normcheck-demo")
     assert os.path.exists(exe)
+
+
+def test_shipped_configs_are_found_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pip install without the repository still has the demo: ``--config demo.yaml`` reads the packaged file."""
+    from lightning_normcheck.cli import CONFIGS, resolve_configs
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(
+        p.name for p in (CONFIGS.parent.parent / "configs").glob("*.yaml")
+    )
+    args = resolve_configs(["fit", "--config", "demo.yaml", "--config=demo_problems", "--config", "missing.yaml"])
+    assert args[2] == str(CONFIGS / "demo.yaml") and args[3] == "--config=" + str(CONFIGS / "demo_problems.yaml")
+    assert args[5] == "missing.yaml"  # not shipped: left for LightningCLI to refuse
+    cli = run(["fit", "--config", "demo.yaml", *FAST, "--trainer.logger=false"])
+    assert cli.trainer.global_step == 6 and any(isinstance(cb, NormCheck) for cb in cli.trainer.callbacks)

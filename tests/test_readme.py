@@ -18,7 +18,9 @@ def _commands() -> list[str]:
 def test_readme_opens_with_two_commands() -> None:
     cmds = _commands()
     assert len(cmds) == 2
-    assert all("pip install torch==2.13.0" in c and 'pip install -e ".[dev]"' in c for c in cmds)
+    assert all("pip install torch==2.13.0" in c for c in cmds)
+    assert "pip install -e . " in cmds[0] and "normcheck-demo fit" in cmds[0]  # the demo needs the base install only
+    assert 'pip install -e ".[dev]"' in cmds[1] and cmds[1].endswith("pytest -q")
 
 
 def test_ci_runs_the_readme_test_command() -> None:
