@@ -3,8 +3,10 @@
 Pure torch (no Lightning import), in the spirit of ``lightning.pytorch.utilities.grads`` and
 ``torch.nn.utils.clip_grad``: everything runs under ``no_grad``, returns tensors that stay on the
 device, groups inputs by ``(device, dtype)`` and uses torch's fused ``_foreach_norm`` with a plain
-per-tensor fallback. Nothing here calls ``.item()`` or otherwise synchronizes with the host: the
-callbacks stack the results and move them to the host once per logging step.
+per-tensor fallback. Nothing here calls ``.item()`` or otherwise synchronizes with the host (but
+:func:`init_stats` of sharded weights, once at the start of fit): the callbacks stack the results and move
+them to the host once per logging step. Sharded tensors (DTensor) are measured from their local shards; the
+sums of powers are reduced across the mesh by the caller (:class:`ShardRoutes`, :func:`all_reduce_partials`).
 
 Example:
     >>> import torch
@@ -20,8 +22,9 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -48,6 +51,13 @@ __all__ = [
     "target_stats",
     "init_stats",
     "relative_drift",
+    "drift_norms",
+    "is_dtensor",
+    "local_tensor",
+    "ShardRoutes",
+    "partial_powers",
+    "finish_powers",
+    "all_reduce_partials",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -82,6 +92,8 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, device: torc
     if not tensors:
         return torch.zeros(0, dtype=torch.float32, device=device)
     norm_type = float(norm_type)
+    if math.isinf(norm_type):  # the max of nothing raises; an empty tensor (a shard of none) has norm 0
+        tensors = [t if t.numel() else t.new_zeros(1) for t in tensors]
     out: list[Tensor | None] = [None] * len(tensors)
     grouped = _group_tensors_by_device_and_dtype([tensors], with_indices=True)  # type: ignore[list-item]
     for (dev, dtype), ([group_or_none], indices) in grouped.items():  # type: ignore[misc]
@@ -122,6 +134,19 @@ def group_norms(norms: Tensor, group_index: Tensor, num_groups: int, norm_type: 
     the max. One ``index_add_`` (or ``scatter_reduce``), no host sync. Empty groups give ``0``.
     """
     norm_type = float(norm_type)
+    out = group_powers(norms, group_index, num_groups, norm_type)
+    if norms.numel() == 0 or math.isinf(norm_type):
+        return out
+    return out.pow(1.0 / norm_type)
+
+
+def group_powers(norms: Tensor, group_index: Tensor, num_groups: int, norm_type: float = 2.0) -> Tensor:
+    """Per-group sums of ``norm ** p`` (for ``inf``: the max), i.e. :func:`group_norms` before the root.
+
+    Sums of powers add up across the shards of a tensor, where norms do not: this is what a sharded norm
+    reduces across processes before taking the root.
+    """
+    norm_type = float(norm_type)
     group_index = group_index.to(norms.device)
     out = norms.new_zeros(num_groups)
     if norms.numel() == 0:
@@ -129,7 +154,7 @@ def group_norms(norms: Tensor, group_index: Tensor, num_groups: int, norm_type: 
     if math.isinf(norm_type):
         return out.scatter_reduce(0, group_index, norms, reduce="amax", include_self=True)
     out.index_add_(0, group_index, norms.pow(norm_type))
-    return out.pow(1.0 / norm_type)
+    return out
 
 
 def rms(norms: Tensor, numels: Tensor | Sequence[int]) -> Tensor:
@@ -140,7 +165,11 @@ def rms(norms: Tensor, numels: Tensor | Sequence[int]) -> Tensor:
 
 @torch.no_grad()
 def sum_of_squares(t: Tensor) -> Tensor:
-    """Sum of squares of one tensor, reduced in ``float32`` (one kernel; used by forward hooks)."""
+    """Sum of squares of one tensor, reduced in ``float32`` (one kernel; used by forward and gradient hooks).
+
+    Of a DTensor, the sum over this process's shard (a plain tensor): no collective inside a hook.
+    """
+    t = local_tensor(t)
     return torch.linalg.vector_norm(_norm_input(t), 2.0, dtype=_reduce_dtype(t)).square()
 
 
@@ -373,12 +402,43 @@ def target_stats(y: Tensor) -> dict[str, Tensor]:
 @torch.no_grad()
 def init_stats(weights: Sequence[Tensor]) -> tuple[Tensor, list[int], list[int]]:
     """The std of each weight (one float32 tensor, one kernel each) and its fan-in and fan-out, as
-    ``torch.nn.init`` computes them (the Kaiming/Xavier formulas use these)."""
+    ``torch.nn.init`` computes them (the Kaiming/Xavier formulas use these).
+
+    Of sharded weights (DTensor), the std of the full tensors from the shards: one collective, then one host read
+    that tells every process whether one of them failed; every process must call it with the same weights."""
     fans = [torch.nn.init._calculate_fan_in_and_fan_out(w) for w in weights]
     if not weights:
         return torch.zeros(0), [], []
-    stds = torch.stack([w.detach().float().std().to(weights[0].device) for w in weights])
+    if any(is_dtensor(w) for w in weights):
+        stds = _sharded_stds(weights)
+    else:
+        stds = torch.stack([w.detach().float().std().to(weights[0].device) for w in weights])
     return stds, [int(f[0]) for f in fans], [int(f[1]) for f in fans]
+
+
+def _sharded_stds(weights: Sequence[Tensor]) -> Tensor:
+    """The std of each full weight from the local shards: count, sum and sum of squares (float64) per shard,
+    summed across the mesh in one collective per route, as ``Tensor.std`` (Bessel's correction)."""
+    routes = ShardRoutes(weights)
+    device = local_tensor(weights[0]).device
+    # one row per weight, and a last one whose entries count the processes that failed to measure: every process
+    # reaches the collective whatever happened to it, and all of them raise after it alike
+    sums = torch.zeros(routes.num, len(weights) + 1, 3, dtype=torch.float64, device=device)
+    error: Exception | None = None
+    try:
+        for i, w in enumerate(weights):
+            x = local_tensor(w).to(device=device, dtype=torch.float64)
+            sums[routes.of[i], i] = torch.stack([x.new_tensor(float(x.numel())), x.sum(), x.square().sum()])
+    except Exception as err:  # noqa: BLE001 - raised below, once every process has reached the collective
+        error = err
+        sums.zero_()
+        sums[:, -1, 0] = 1.0
+    sums = all_reduce_partials(sums, routes, [False] * (sums.numel() // routes.num)).sum(0)
+    if bool(sums[-1].sum() > 0):  # setup time, not the training loop: one host read
+        raise error or RuntimeError("measuring the initial weights failed on another process")
+    n, s, ss = sums[:-1].unbind(-1)
+    var = (ss - s * s / n.clamp_min(1.0)) / (n - 1.0).clamp_min(1.0)
+    return var.clamp_min(0.0).sqrt().float()
 
 
 @torch.no_grad()
@@ -396,7 +456,138 @@ def relative_drift(
     ``reference_norms`` are the per-tensor norms of ``reference`` (measured once: the reference is fixed);
     ``scratch`` is a buffer shaped like ``params`` the differences may be written into.
     """
+    drift = group_norms(drift_norms(params, reference, plan, scratch), layer_index, num_layers)
+    return drift, group_norms(reference_norms, layer_index, num_layers)
+
+
+@torch.no_grad()
+def drift_norms(
+    params: Sequence[Tensor],
+    reference: Sequence[Tensor],
+    plan: NormPlan | None = None,
+    scratch: list[Tensor] | None = None,
+) -> Tensor:
+    """Per-tensor ``||w - w_ref||`` (the differences go into ``scratch`` when it has the shapes of ``params``)."""
     diffs = copy_tensors(params, into=scratch)
     torch._foreach_sub_(diffs, [r.detach() for r in reference])
-    drift = group_norms(plan_norms(plan, diffs), layer_index, num_layers)
-    return drift, group_norms(reference_norms, layer_index, num_layers)
+    return plan_norms(plan, diffs)
+
+
+# -- sharded tensors (DTensor: FSDP2, tensor parallelism) ---------------------------------------------------
+# The norm of a sharded tensor is reduced from its shards, as torchtitan does and as
+# ``torch.nn.utils.get_total_norm`` does on DTensors (its result has a Partial placement that ``full_tensor()``
+# reduces): sums of ``|x| ** p`` (max for inf) of the local shards add up across the mesh dims the tensor is split
+# over; the root is taken after. No full tensor is ever gathered.
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (importing nothing: none exists unless that module is
+    loaded)."""
+    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return cls is not None and isinstance(t, cls)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The part of ``t`` this process holds: a DTensor's local shard (a plain tensor, no copy), else ``t``."""
+    return cast(Tensor, t.to_local()).detach() if is_dtensor(t) else t.detach()  # type: ignore[attr-defined]
+
+
+def _split(placement: Any) -> bool | None:
+    """True: the mesh dim splits the tensor into disjoint pieces; False: every process there holds the same
+    piece; None: anything else (a Partial holds summands, not pieces: the norm of a sum is not a sum of norms)."""
+    if placement.is_replicate():
+        return False
+    if placement.is_shard() or type(placement).__name__ == "_StridedShard":  # FSDP2 over tensor parallelism
+        return True
+    return None
+
+
+class ShardRoutes:
+    """The process groups a (possibly sharded) tensor's sums of powers are summed over, one *route* per distinct
+    (device mesh, mesh dims the tensor is split over). Route 0 is "this process alone": plain tensors and
+    replicated DTensors, which every process holds whole.
+
+    Raises:
+        ValueError: a DTensor with a placement whose norm cannot be reduced from its shards (Partial), or on a
+            mesh this process is not part of.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        keys: dict[Any, int] = {None: 0}
+        self.groups: list[tuple[Any, ...]] = [()]
+        self.of: list[int] = []
+        for t in tensors:
+            key = self.key(t)
+            if key not in keys:
+                mesh, dims = key
+                keys[key] = len(self.groups)
+                self.groups.append(tuple(mesh.get_group(d) for d in dims))
+            self.of.append(keys[key])
+
+    @staticmethod
+    def key(t: Tensor) -> Any:
+        """``(mesh, split mesh dims)`` of a DTensor split over some mesh dim, else None (held whole)."""
+        if not is_dtensor(t):
+            return None
+        mesh, placements = t.device_mesh, t.placements  # type: ignore[attr-defined]
+        split = [_split(p) for p in placements]
+        if None in split:
+            raise ValueError(f"a DTensor with placements {tuple(placements)} (only Shard and Replicate are supported)")
+        if mesh.get_coordinate() is None:
+            raise ValueError("a DTensor on a device mesh this process is not part of")
+        dims = tuple(d for d, s in enumerate(split) if s)
+        return (mesh, dims) if dims else None
+
+    @property
+    def num(self) -> int:
+        return len(self.groups)
+
+
+def partial_powers(
+    norms: Tensor,
+    route_index: Tensor,
+    num_routes: int,
+    norm_type: float = 2.0,
+    group_index: Tensor | None = None,
+    num_groups: int = 1,
+) -> Tensor:
+    """Per-tensor norms of local shards -> ``(num_routes, num_groups)`` sums of ``norm ** p`` (max for ``inf``),
+    one row per route: what :func:`all_reduce_partials` reduces and :func:`finish_powers` turns into norms."""
+    route_index = route_index.to(norms.device)
+    index = route_index * num_groups
+    if group_index is not None:
+        index = index + group_index.to(norms.device)
+    return group_powers(norms, index, num_routes * num_groups, norm_type).reshape(num_routes, num_groups)
+
+
+def finish_powers(partials: Tensor, norm_type: float = 2.0) -> Tensor:
+    """Reduced ``(num_routes, ...)`` sums of powers -> norms: summed (max for ``inf``) over routes, then the root."""
+    norm_type = float(norm_type)
+    if math.isinf(norm_type):
+        return partials.amax(0) if partials.shape[0] else partials.new_zeros(partials.shape[1:])
+    return partials.sum(0).pow(1.0 / norm_type)
+
+
+def all_reduce_partials(partials: Tensor, routes: ShardRoutes, maxes: Sequence[bool]) -> Tensor:
+    """Row ``r`` of ``partials`` (``(num_routes, n)``, any trailing shape flattened) reduced over route ``r``'s
+    process groups: summed, or max where ``maxes[j]`` (inf norms). One collective per group of each route with any:
+    ``all_reduce`` when every entry reduces alike, else one ``all_gather`` reduced here. Every process must call it
+    with the same shape and ``maxes`` (they follow from the tensors' layout, never from their values)."""
+    import torch.distributed as dist
+
+    out = partials.clone()
+    flat = out.reshape(routes.num, -1)
+    any_max, all_max = any(maxes), all(maxes) and len(maxes) > 0
+    for r, groups in enumerate(routes.groups):
+        for group in groups:
+            row = flat[r].contiguous()
+            if not any_max or all_max:
+                dist.all_reduce(row, op=dist.ReduceOp.MAX if all_max else dist.ReduceOp.SUM, group=group)
+            else:
+                parts = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+                dist.all_gather(parts, row, group=group)
+                stacked = torch.stack(parts)
+                mask = torch.tensor(list(maxes), dtype=torch.bool, device=row.device)
+                row = torch.where(mask, stacked.amax(0), stacked.sum(0))
+            flat[r] = row
+    return out

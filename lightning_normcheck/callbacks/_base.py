@@ -203,8 +203,9 @@ class _NormCheckBase(_Isolation, Callback):
         return sorted(self._disabled | {f"{name} rules" for name in self._diagnosis.disabled})
 
     def summary(self) -> str:
-        """The findings as a short table."""
-        return self._findings.table()
+        """The findings as a short story: a table with one row per code (worst first, the layers it covers, its
+        first step, the one-line fix), then each finding in full, once."""
+        return _emission.findings_report(self.findings)
 
     def _rules_failed(self, rules: Rules, error: Exception) -> None:
         rank_zero_warn(failure_message(f"the {rules.name} rules", error), category=RuntimeWarning)
@@ -213,12 +214,14 @@ class _NormCheckBase(_Isolation, Callback):
     def _observe(self, step: int, records: list[Record]) -> None:
         self._diagnosis.observe(step, records)
 
-    def _flush(self, step: int) -> None:
+    def _flush(self, step: int, together: bool = True) -> None:
+        """``together``: every rank flushes here too (a logging step, the end of fit), so sharded norms can be
+        reduced; after an exception (maybe on one rank only) they are dropped instead."""
         run = self._run
         if run is None:
             return
         self._call("collect")
-        host = run.transfer()
+        host = run.transfer(reduce=together)
         records: list[Record] = []
         for m in self._active():
             try:
@@ -235,12 +238,20 @@ class _NormCheckBase(_Isolation, Callback):
         self._observe(step, records)
         self._publish_new_findings(step)
 
-    def _publish_new_findings(self, step: int) -> None:
-        if not self._new_findings or self._run is None:
+    def _publish_new_findings(self, step: int, final: bool = False) -> None:
+        """When a finding is new or escalated (``final``: at the end of fit or on an exception, always), every
+        finding of this Trainer's lightning_normcheck callbacks to each logger's own place; rank zero only."""
+        run = self._run
+        if run is None or not (self._new_findings or final):
             return
-        new, self._new_findings[:] = list(self._new_findings), []
-        if self._run.is_global_zero:
-            _emission.publish_findings(self._run.trainer.loggers, new, step)
+        self._new_findings.clear()
+        if not run.is_global_zero or not run.trainer.loggers:
+            return
+        try:  # the callbacks of one Trainer write the same files: each writes the findings of all
+            ours = [cb for cb in getattr(run.trainer, "callbacks", []) if isinstance(cb, _NormCheckBase)] or [self]
+            _emission.publish_findings(run.trainer.loggers, _emission.merge_findings(cb.findings for cb in ours), step)
+        except Exception as err:  # noqa: BLE001 - publishing must never stop training
+            rank_zero_warn(f"lightning_normcheck: publishing the findings failed: {err!r}", category=RuntimeWarning)
         # Findings reach Python logging (logger "lightning_normcheck") when recorded; they are not raised as
         # `warnings` too: that printed each one twice, and `-W error` would turn a finding into a crash.
 
@@ -251,15 +262,48 @@ class _NormCheckBase(_Isolation, Callback):
         self._teardown_hooks()
         self._disabled = set()
         self._run = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the run starts here rather than in `setup`: `configure_model` and the strategy (FSDP2's `fully_shard`)
+        # replace the parameters in between, and a run indexed before would watch the discarded ones
         self._safely(self._start_run, trainer, pl_module)
 
     def _start_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run = self._run = _Run(self, trainer, pl_module)
         self._findings.enabled = run.is_global_zero
+        self._check_layout(run)
         self._call("setup")
         if self._pending_state is not None:
             self._load_monitor_state(self._pending_state)
             self._pending_state = None
+
+    def _check_layout(self, run: _Run) -> None:
+        """Switch off, with one info line, the monitors that cannot be right for how the parameters are laid out
+        across processes: every norm monitor for sharded layouts other than DTensor; for DTensor (FSDP2) the loop
+        checks and the clip rate."""
+        problem = run.layout_problem()
+        names = {m.name for m in self._monitors}
+        why: dict[str, str] = {}
+        if problem is not None:
+            for name in names & {"gradient_norm", "weight_drift", "clip_rate", "training_bugs"}:
+                why[name] = "its norms would not be those of the full tensors"
+            head = f"{problem} is not supported"
+        elif run.routes is not None:
+            head = "sharded parameters (DTensor): gradient and weight norms are reduced across the device mesh"
+            if "training_bugs" in names:
+                # measured: under FSDP2 its gradient hooks on the sharded parameters never fire (gradients reach
+                # p.grad by reduce-scatter, not autograd accumulation), so every step looked like one without backward
+                why["training_bugs"] = "its gradient hooks do not fire on sharded parameters"
+            if "clip_rate" in names:
+                clip = run.trainer.gradient_clip_val or any(getattr(m, "clip_threshold", None) for m in self._monitors)
+                # it would need the total norm of each step on the device: a collective per step
+                why["clip_rate"] = "it needs each step's total norm on the device" if clip else ""
+        if not why:
+            return
+        self._disabled |= set(why)
+        said = [f"{name} ({text})" for name, text in sorted(why.items()) if text]
+        if said and run.is_global_zero:
+            log.info("lightning_normcheck: %s; switched off for this fit: %s.", head, ", ".join(said))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._call("on_train_start")
@@ -357,6 +401,7 @@ class _NormCheckBase(_Isolation, Callback):
             self._safely(self._flush, max(0, run.step - 1))
         if run is not None:
             run._grad_cache = {}
+            self._publish_new_findings(max(0, run.step - 1), final=True)
         self._teardown_hooks()
         if self.print_summary and trainer.is_global_zero:
             print(self.summary(), file=sys.stdout, flush=True)
@@ -367,17 +412,18 @@ class _NormCheckBase(_Isolation, Callback):
         if run is None or run.trainer is not trainer or getattr(trainer.state, "fn", None) != "fit":
             return
         try:
-            self._flush(run.step)
+            self._flush(run.step, together=False)
         except Exception:  # noqa: BLE001 - never mask the user's exception
             pass
         try:  # never mask the user's exception, and always take the hooks off
             self._explain(run, exception)
-            self._publish_new_findings(run.step)
         except Exception:  # noqa: BLE001
             pass
         finally:
             run._grad_cache = {}
             self._teardown_hooks()
+        # before Lightning finalizes the loggers: a crashed run keeps its findings files
+        self._publish_new_findings(run.step, final=True)
         if self.print_summary and trainer.is_global_zero and self.findings:
             print(self.summary(), file=sys.stderr, flush=True)
 

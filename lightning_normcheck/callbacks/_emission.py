@@ -2,7 +2,7 @@
 
 One ``logger.log_metrics(row, step=...)`` call per logger per step that has values (the per-step total
 gradient norms of the steps since the last logging step at their own steps, everything else at the
-logging step), rank zero only. New findings go to each logger's own place for text.
+logging step), rank zero only.
 
 =============================================  ====================================================
 Key                                            Record
@@ -21,6 +21,20 @@ Key                                            Record
 ``normcheck/target/median_abs/<tensor>``       :class:`BatchSample`
 =============================================  ====================================================
 
+Findings go to each logger's own place for text (:func:`publish_findings`):
+
+================================  ================================================================================
+Logger                            Place
+================================  ================================================================================
+``TensorBoardLogger``             text ``normcheck/findings`` (new or changed findings, in full) and
+                                  ``normcheck/summary`` (the table); the files below in its ``log_dir``
+``CSVLogger``, any ``log_dir``    ``findings.md`` (the table, then each finding in full) and ``findings.json``
+                                  (the findings as dicts) beside its metrics, rewritten whole each time
+``MLFlowLogger``                  the same two files as run artifacts under ``normcheck/``; tags
+                                  ``normcheck.<code>`` = the code's worst severity
+``WandbLogger``                   a ``wandb.Table`` logged under ``normcheck/findings``, also in the run summary
+================================  ================================================================================
+
 Example:
     >>> from lightning_normcheck.diagnosis.records import GradientTotals, GradientLayers
     >>> rows = metric_rows([GradientTotals((4, 5), (2.0, 3.0), (0, 0)), GradientLayers(5, 0, ("fc",), (3.0,))], 5)
@@ -30,13 +44,20 @@ Example:
 
 from __future__ import annotations
 
+import json
+import math
+import numbers
+import os
+import weakref
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from functools import singledispatch
 from typing import Any
 
 import torch
 
-from lightning_normcheck.diagnosis.findings import Finding
+from lightning_normcheck.callbacks._isolation import rank_zero_warn
+from lightning_normcheck.diagnosis.findings import Finding, FindingLog
 from lightning_normcheck.diagnosis.records import (
     INPUT_LABEL,
     ActivationSample,
@@ -48,6 +69,7 @@ from lightning_normcheck.diagnosis.records import (
     UpdateSample,
     WeightSample,
 )
+from lightning_normcheck.diagnosis.registry import REGISTRY, SEVERITIES
 
 PREFIX = "normcheck/"
 TOTAL_KEY = "normcheck/grad_norm/total"
@@ -146,19 +168,219 @@ def findings_text(findings: Sequence[Finding]) -> str:
     return "\n\n".join(f"**{f.severity}** `{f.code}` {f.layer or ''} (step {f.step}): {f.message}" for f in findings)
 
 
-def publish_findings(loggers: Sequence[Any], findings: Sequence[Finding], step: int) -> None:
-    """New or escalated findings to each logger's own place for text (TensorBoard: its Text tab)."""
+# findings -> each logger's own place ---------------------------------------------------------------------------
+FINDINGS_KEY = "normcheck/findings"
+SUMMARY_KEY = "normcheck/summary"
+FINDINGS_MD = "findings.md"
+FINDINGS_JSON = "findings.json"
+ARTIFACT_DIR = "normcheck"
+TAG_PREFIX = "normcheck."
+TABLE_COLUMNS = ("severity", "code", "layer", "step", "since", "message", "fix")
+
+
+def _severity(f: Finding) -> int:
+    return SEVERITIES.index(f.severity)
+
+
+def merge_findings(groups: Iterable[Sequence[Finding]]) -> list[Finding]:
+    """The findings of every lightning_normcheck callback of one run (they write the same files): one per
+    (code, layer), the worst kept (then the earliest), in the order first seen."""
+    merged: dict[tuple[str, str | None], Finding] = {}
+    for findings in groups:
+        for f in findings:
+            old = merged.get((f.code, f.layer))
+            if old is None or (_severity(f), -f.step) > (_severity(old), -old.step):
+                merged[(f.code, f.layer)] = f
+    return list(merged.values())
+
+
+def worst_first(findings: Sequence[Finding]) -> list[Finding]:
+    """The findings in the table's order: by code (worst, then earliest, first), then worst, earliest, by layer."""
+    ranked = sorted(findings, key=lambda f: (-_severity(f), f.step, f.layer or ""))
+    place = {f.code: i for i, f in reversed(list(enumerate(ranked)))}
+    return sorted(ranked, key=lambda f: place[f.code])
+
+
+def findings_details(findings: Sequence[Finding]) -> str:
+    """Each finding in full, once, in the table's order."""
+    lines = []
+    for f in worst_first(findings):
+        where = f" [{f.layer}]" if f.layer else ""
+        since = f" (evidence from step {f.since})" if f.since != f.step else ""
+        lines.append(f"- {f.severity} {f.code}{where} at step {f.step}{since}: {f.message}")
+    return "\n".join(["Details:", *lines])
+
+
+def findings_table(findings: Sequence[Finding]) -> str:
+    """:meth:`FindingLog.table` of any findings (those of several callbacks, say)."""
+    log = FindingLog()
+    log.load_state_dict({"findings": [asdict(f) for f in findings]})
+    return log.table()
+
+
+def findings_report(findings: Sequence[Finding]) -> str:
+    """The summary: the table (one row per code, worst first), then each finding in full. Plain text that is
+    also markdown: printed at the end of fit and written as ``findings.md``."""
     if not findings:
+        return findings_table(findings)
+    return f"{findings_table(findings)}\n\n{findings_details(findings)}"
+
+
+def _jsonable(obj: Any) -> Any:
+    """``obj`` as strict JSON types: a non-finite float as the string ``"inf"``/``"-inf"``/``"nan"``."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        return float(obj) if math.isfinite(obj) else str(float(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in obj]
+    return str(obj)
+
+
+def findings_dicts(findings: Sequence[Finding]) -> list[dict[str, Any]]:
+    """The findings as JSON-ready dicts (every :class:`Finding` field), in the order given."""
+    return [_jsonable(asdict(f)) for f in findings]
+
+
+@dataclass
+class _Sent:
+    """What one logger already has, so each publication sends only what changed."""
+
+    failed: bool = False
+    state: str | None = None  # the findings.json text last published
+    texts: dict[tuple[str, str | None], tuple[str, str]] = field(default_factory=dict)  # (severity, message)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+# keyed by the logger object: gone with it, shared by the callbacks of one Trainer
+_SENT: weakref.WeakKeyDictionary[Any, _Sent] = weakref.WeakKeyDictionary()
+
+
+def _sent(logger: Any) -> _Sent:
+    try:
+        return _SENT.setdefault(logger, _Sent())
+    except TypeError:  # not weak-referenceable: no memory, everything is sent each time
+        return _Sent()
+
+
+def _kinds(logger: Any) -> set[str]:
+    """Class names in the logger's MRO: no optional package (mlflow, wandb) is imported to recognize it."""
+    return {c.__name__ for c in type(logger).__mro__}
+
+
+def _write(path: str, text: str) -> None:
+    """Write whole, then rename: a reader (or a crash) never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _to_dir(logger: Any, log_dir: str, report: str, records: list[dict[str, Any]]) -> None:
+    if "://" in log_dir:  # a remote store: only local directories are written
         return
-    from lightning.pytorch.loggers import TensorBoardLogger
+    try:  # let the logger make its own directory first (CSVLogger warns about a non-empty one it did not make)
+        _ = logger.experiment
+    except Exception:  # noqa: BLE001 - the logger reports its own failures; the files are still written
+        pass
+    os.makedirs(log_dir, exist_ok=True)
+    _write(os.path.join(log_dir, FINDINGS_MD), report + "\n")
+    _write(os.path.join(log_dir, FINDINGS_JSON), json.dumps(records, indent=1, allow_nan=False) + "\n")
 
-    text = findings_text(findings)
+
+def _to_tensorboard(logger: Any, sent: _Sent, findings: Sequence[Finding], step: int) -> None:
+    changed = [f for f in worst_first(findings) if sent.texts.get((f.code, f.layer)) != (f.severity, f.message)]
+    writer = logger.experiment
+    if changed:
+        writer.add_text(FINDINGS_KEY, findings_text(changed), global_step=step)
+    writer.add_text(SUMMARY_KEY, findings_table(findings), global_step=step)
+    sent.texts.update({(f.code, f.layer): (f.severity, f.message) for f in changed})
+
+
+def _to_mlflow(logger: Any, sent: _Sent, findings: Sequence[Finding], report: str, records: list[Any]) -> None:
+    client, run_id = logger.experiment, logger.run_id
+    client.log_text(run_id, report, f"{ARTIFACT_DIR}/{FINDINGS_MD}")
+    client.log_dict(run_id, records, f"{ARTIFACT_DIR}/{FINDINGS_JSON}")
+    worst: dict[str, Finding] = {}
+    for f in findings:
+        if f.code not in worst or _severity(f) > _severity(worst[f.code]):
+            worst[f.code] = f
+    for code, f in worst.items():
+        if sent.tags.get(code) != f.severity:
+            client.set_tag(run_id, TAG_PREFIX + code, f.severity)
+            sent.tags[code] = f.severity
+
+
+def _to_wandb(logger: Any, findings: Sequence[Finding], step: int) -> None:
+    import wandb  # installed: a WandbLogger exists
+
+    rows = []
+    for f in worst_first(findings):
+        spec = REGISTRY.get(f.code)
+        rows.append([f.severity, f.code, f.layer or "", f.step, f.since, f.message, spec.fix if spec else ""])
+    table = wandb.Table(columns=list(TABLE_COLUMNS), data=rows)
+    run = logger.experiment
+    run.log({FINDINGS_KEY: table, "trainer/global_step": step})  # WandbLogger's own step key
+    run.summary[FINDINGS_KEY] = table
+
+
+def publish_findings(loggers: Sequence[Any], findings: Sequence[Finding], step: int) -> None:
+    """Every finding so far to each logger's own place for text (the table in the module docstring).
+
+    Called, rank zero only, at each logging step where a finding is new or escalated and at the end of fit or
+    on an exception, so a crashed run keeps what was found. A logger whose findings have not changed since it was
+    last sent them is skipped; a logger that fails is warned about once and skipped for the rest of the run.
+    """
+    records = findings_dicts(findings)
+    state = json.dumps(records, sort_keys=True)
+    report: str | None = None
     for logger in loggers:
+        sent = _sent(logger)
+        if sent.failed or sent.state == state:
+            continue
+        kinds = _kinds(logger)
         try:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("normcheck/findings", text, global_step=step)
-        except Exception:  # noqa: BLE001 - a logger that cannot take text must not stop diagnosis
-            pass
+            if "MLFlowLogger" in kinds:
+                report = report or findings_report(findings)
+                _to_mlflow(logger, sent, findings, report, records)
+            elif "WandbLogger" in kinds:
+                _to_wandb(logger, findings, step)
+            else:
+                if "TensorBoardLogger" in kinds:
+                    _to_tensorboard(logger, sent, findings, step)
+                log_dir = getattr(logger, "log_dir", None)
+                if isinstance(log_dir, str):
+                    report = report or findings_report(findings)
+                    _to_dir(logger, log_dir, report, records)
+        except Exception as err:  # noqa: BLE001 - a logger that cannot take the findings must not stop training
+            sent.failed = True
+            rank_zero_warn(
+                f"lightning_normcheck: could not write the findings to {type(logger).__name__} ({err!r}); it is"
+                " skipped from now on. The findings are still in `callback.findings`, the other loggers and the"
+                " end-of-fit summary.",
+                category=RuntimeWarning,
+            )
+        else:
+            sent.state = state
 
 
-__all__ = ["HEADLINE_KEYS", "TOTAL_KEY", "findings_text", "log_rows", "metric_rows", "publish_findings"]
+__all__ = [
+    "FINDINGS_KEY",
+    "HEADLINE_KEYS",
+    "SUMMARY_KEY",
+    "TOTAL_KEY",
+    "findings_details",
+    "findings_dicts",
+    "findings_report",
+    "findings_table",
+    "findings_text",
+    "log_rows",
+    "merge_findings",
+    "metric_rows",
+    "publish_findings",
+    "worst_first",
+]

@@ -3,16 +3,25 @@
 The parameter-to-layer map, the gradient norms of the current optimizer step (one fused pass, shared by
 every monitor), the sampling schedule, and the staging area of device tensors that are moved to the host in
 one transfer per logging step.
+
+Sharded parameters (DTensor: FSDP2 through ``ModelParallelStrategy``, tensor parallelism): the norms are of
+the full tensors, reduced from the local shards. Monitors stage the local sums of powers of their shards with
+:meth:`_Run.stage_norms`; at the logging step :meth:`_Run.transfer` reduces everything staged so in one
+collective per process group of the mesh (one in all for FSDP2 on a 1-D mesh), takes the roots and moves the
+norms to the host with the rest. A step that logs nothing calls no collective; single-process and DDP runs
+(no DTensor) never take this path.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import Tensor
 
 from lightning_normcheck import norms as N
@@ -55,9 +64,14 @@ def in_prefixes(name: str, prefixes: list[str]) -> bool:
 
 
 class _GradStats:
-    """Gradient norms of one optimizer step, computed once and shared by the monitors."""
+    """Gradient norms of one optimizer step, computed once and shared by the monitors.
 
-    __slots__ = ("params", "grads", "layers", "layer_index", "norms", "total", "step")
+    With sharded gradients (``route_index`` given) ``grads`` are this process's shards, ``norms`` their norms, and
+    ``partial`` the local sums of squares per route, to be reduced at the logging step
+    (:meth:`_Run.stage_norms`); there is no total on the device then.
+    """
+
+    __slots__ = ("params", "grads", "layers", "layer_index", "norms", "_total", "step", "route_index", "partial")
 
     def __init__(
         self,
@@ -67,6 +81,8 @@ class _GradStats:
         layer_index: Tensor,
         step: int,
         plan: N.NormPlan | None = None,
+        route_index: Tensor | None = None,
+        num_routes: int = 1,
     ) -> None:
         self.params = params
         self.grads = grads
@@ -74,7 +90,22 @@ class _GradStats:
         self.layer_index = layer_index
         self.step = step
         self.norms = plan.norms(grads) if plan is not None else N.tensor_norms(grads)
-        self.total = N.total_norm(self.norms)
+        self.route_index = route_index
+        self.partial: Tensor | None = None
+        self._total: Tensor | None = None
+        if route_index is None:
+            self._total = N.total_norm(self.norms)
+        else:
+            self.partial = N.partial_powers(self.norms, route_index, num_routes).reshape(-1)
+
+    @property
+    def total(self) -> Tensor:
+        """The total norm of this step, on the device (not available for sharded gradients: see ``partial``)."""
+        if self._total is None:
+            raise RuntimeError(
+                "the total norm of sharded gradients exists only after the reduction at the logging step"
+            )
+        return self._total
 
 
 class _Run:
@@ -98,6 +129,18 @@ class _Run:
                 self.layer_names.append(layer)
             self.param_layer[id(p)] = layer_pos[layer]
             self.param_name[id(p)] = name
+        # sharded parameters (DTensor): where each one's norm is reduced; None when none is (single process, DDP)
+        self.routes: N.ShardRoutes | None = None
+        self.sharding_error: str | None = None  # why the layout is not supported (the norms cannot be right)
+        params = [p for _, p in pl_module.named_parameters()]
+        if any(N.is_dtensor(p) for p in params):
+            try:
+                self.routes = N.ShardRoutes(params)
+            except ValueError as err:
+                self.sharding_error = str(err)
+        self._route_of = {id(p): r for p, r in zip(params, self.routes.of)} if self.routes is not None else {}
+        self._partials: list[tuple[Hashable, Tensor, float]] = []
+        self._checked_grads: set[tuple[int, tuple[int, ...]]] = set()
         self._staged: list[tuple[Hashable, Tensor]] = []
         self.flush_due = False
         self.flush_step = 0
@@ -106,6 +149,7 @@ class _Run:
         self._opt_index: dict[int, tuple[list[Tensor], list[int], Tensor]] = {}
         self._opt_plan: dict[int, N.NormPlan | None] = {}  # id(optimizer) -> fast gradient-norm plan (or None)
         self._sub_index: dict[tuple[int, tuple[int, ...]], tuple[list[int], Tensor, N.NormPlan | None]] = {}
+        self._opt_routes: dict[tuple[int, tuple[int, ...]], Tensor] = {}  # sharded: the route of each gradient
 
     @property
     def pl_module(self) -> pl.LightningModule:
@@ -149,12 +193,39 @@ class _Run:
             self._opt_index[key] = (params, layers, torch.tensor(layers, dtype=torch.long))
         return self._opt_index[key]
 
+    def layout_problem(self) -> str | None:
+        """Why the norms of this run's parameters cannot be those of the full tensors, or None.
+
+        FSDP1 (Lightning's ``FSDPStrategy``) and DeepSpeed ZeRO keep flattened local shards in plain tensors that
+        do not say how they are split; a DTensor with a Partial placement holds summands, not pieces. Lightning
+        runs FSDP1 and DeepSpeed on CUDA only: this check could not be exercised on a machine without a GPU.
+        """
+        if self.sharding_error is not None:
+            return f"parameters laid out as {self.sharding_error}"
+        strategy = getattr(self.trainer, "strategy", None)
+        if isinstance(strategy, DeepSpeedStrategy):
+            return "DeepSpeed (its ZeRO stages shard gradients and parameters into flat buffers)"
+        module = self.pl_module
+        if (
+            isinstance(strategy, FSDPStrategy)
+            or any(type(p).__name__ == "FlatParameter" for p in module.parameters())
+            or any(type(m).__name__ == "FullyShardedDataParallel" for m in module.modules())
+        ):
+            return "FSDP1 (FullyShardedDataParallel: flattened local shards)"
+        return None
+
+    def route_index(self, params: list[Tensor]) -> Tensor:
+        """The route (:class:`~lightning_normcheck.norms.ShardRoutes`) of each of ``params``, as a long tensor."""
+        return torch.tensor([self._route_of.get(id(p), 0) for p in params], dtype=torch.long)
+
     def grad_stats(self, optimizer: torch.optim.Optimizer) -> _GradStats:
         """Per-tensor and total gradient norms for this optimizer step (one fused pass, cached)."""
         step = self.step
         cached = self._grad_cache.get(id(optimizer))
         if cached is not None and cached.step == step:
             return cached
+        if self.routes is not None:
+            return self._sharded_grad_stats(optimizer)
         params, layers, index = self.optimizer_params(optimizer)
         key = id(optimizer)
         if key not in self._opt_plan:
@@ -175,13 +246,83 @@ class _Run:
         self._grad_cache = {id(optimizer): stats}
         return stats
 
+    def _sharded_grad_stats(self, optimizer: torch.optim.Optimizer) -> _GradStats:
+        """:meth:`grad_stats` of sharded gradients: the norms of the local shards and their sums of squares per
+        route; nothing is reduced here (that waits for the logging step)."""
+        assert self.routes is not None
+        params, layers, _ = self.optimizer_params(optimizer)
+        with_grad = tuple(i for i, p in enumerate(params) if p.grad is not None)  # frozen: grad is None
+        sub_params = [params[i] for i in with_grad]
+        grads = [p.grad for p in sub_params]
+        check = (id(optimizer), with_grad)
+        if check not in self._checked_grads:  # once per set of parameters: gradients laid out like the parameters
+            for p, g in zip(sub_params, grads):
+                if N.ShardRoutes.key(g) != N.ShardRoutes.key(p):  # type: ignore[arg-type]
+                    raise ValueError(
+                        f"the gradient of {self.param_name.get(id(p), '?')} is laid out across processes unlike the"
+                        " parameter (its norm cannot be reduced from the shards)"
+                    )
+            self._checked_grads.add(check)
+        sub_key = (id(optimizer), with_grad)
+        if sub_key not in self._sub_index:
+            sub = [layers[i] for i in with_grad]
+            local = [N.local_tensor(p) for p in sub_params]
+            self._sub_index[sub_key] = (sub, torch.tensor(sub, dtype=torch.long), N.norm_plan(local))
+            self._opt_routes[sub_key] = self.route_index(sub_params)
+        sub, sub_index, plan = self._sub_index[sub_key]
+        local_grads = [N.local_tensor(g) for g in grads]  # type: ignore[arg-type]
+        stats = _GradStats(
+            sub_params, local_grads, sub, sub_index, self.step, plan, self._opt_routes[sub_key], self.routes.num
+        )
+        self._grad_cache = {id(optimizer): stats}
+        return stats
+
     # the one host transfer ----------------------------------------------------------------------------------
     def stage(self, key: Hashable, value: Tensor) -> None:
         """Queue a 0-d or 1-D device tensor for the next transfer (``key`` is private to the monitor)."""
         self._staged.append((key, value))
 
-    def transfer(self) -> dict[Hashable, Any]:
-        """Move every staged tensor to the host in one copy: ``key -> float`` (0-d) or ``list[float]`` (1-D)."""
+    def stage_norms(self, key: Hashable, partial: Tensor, norm_type: float = 2.0) -> None:
+        """Queue norms of sharded tensors, as local sums of powers ``(num_routes, n)`` or ``(num_routes,)``
+        (:func:`~lightning_normcheck.norms.partial_powers`): at the transfer they are reduced across the mesh, and
+        ``host[key]`` holds the ``n`` norms (a float when ``partial`` is 1-D). Every process stages the same keys
+        with the same shapes in the same order (they follow from the layout and the schedule, never from values)."""
+        self._partials.append((key, partial, float(norm_type)))
+
+    def stage_failure(self, key: Hashable, failed: bool, device: torch.device) -> None:
+        """Stage, with the sharded norms, whether this process failed to measure its share: ``host[key] > 0`` when
+        any process it reduces with did, so that all of them switch the monitor off together. A monitor that failed
+        on one process only must go on staging zeros of the same shapes until then: one that stopped staging
+        would leave the others waiting in the collective."""
+        assert self.routes is not None
+        self.stage_norms(key, torch.full((self.routes.num,), float(failed), device=device), 1.0)
+
+    def _reduce_partials(self) -> None:
+        """Reduce what :meth:`stage_norms` queued (one collective per process group, for all of it together) and
+        stage the norms."""
+        partials, self._partials = self._partials, []
+        if not partials or self.routes is None:
+            return
+        routes = self.routes
+        device = partials[0][1].device
+        rows = [t.detach().to(device=device, dtype=torch.float32).reshape(routes.num, -1) for _, t, _ in partials]
+        maxes = [math.isinf(p) for (_, _, p), r in zip(partials, rows) for _ in range(r.shape[1])]
+        reduced = N.all_reduce_partials(torch.cat(rows, dim=1), routes, maxes)
+        at = 0
+        for (key, t, p), r in zip(partials, rows):
+            n = r.shape[1]
+            norms = N.finish_powers(reduced[:, at : at + n], p)
+            self.stage(key, norms.reshape(()) if t.dim() == 1 else norms)
+            at += n
+
+    def transfer(self, reduce: bool = True) -> dict[Hashable, Any]:
+        """Move every staged tensor to the host in one copy: ``key -> float`` (0-d) or ``list[float]`` (1-D).
+
+        Norms of sharded tensors are reduced across processes first; with ``reduce=False`` (a flush that not every
+        process reaches, such as after an exception) they are dropped instead: no collective, no partial value."""
+        if reduce:
+            self._reduce_partials()
+        self._partials = []
         staged, self._staged = self._staged, []
         if not staged:
             return {}

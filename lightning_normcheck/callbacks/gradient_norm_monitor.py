@@ -3,6 +3,7 @@ sampled steps."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable
 from typing import Any
 
@@ -30,8 +31,10 @@ class _GradientNorms(_Monitor):
         self._layers: list[tuple[int, int, list[str], torch.Tensor, list[str], torch.Tensor | None]] = []
         self._staged: tuple[list[tuple[int, int]], int, int] | None = None
         self._loss_steps: list[int] = []
+        self._error: BaseException | None = None  # sharded: a failure to measure, reported at the next flush
 
     def setup(self, run: _Run) -> None:
+        self._error = None
         self._bad_loss_step = self._bad_loss_value = None
         self._losses = []
         self._totals = []
@@ -67,6 +70,9 @@ class _GradientNorms(_Monitor):
 
     def on_before_optimizer_step(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
         step = run.step
+        if run.routes is not None:
+            self._queue_sharded(run, optimizer, step)
+            return
         stats = run.grad_stats(optimizer)
         if self.norm_type == 2.0:
             per_tensor, total = stats.norms, stats.total
@@ -83,6 +89,54 @@ class _GradientNorms(_Monitor):
         names = [run.param_name[id(p)] for p in stats.params] if self.per_parameter else []
         self._layers.append((step, k, labels, per_layer[present], names, per_tensor if names else None))
 
+    def _queue_sharded(self, run: _Run, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Sharded gradients: queue the local sums of powers per route (the total of every step, per layer and per
+        parameter on sampled steps); they are reduced across the mesh at the logging step, all in one collective.
+
+        The shapes come from the host-side layout first; a failure to measure queues zeros of those shapes and is
+        reported with the reduction (every process switches the monitor off at the same flush)."""
+        assert run.routes is not None
+        n_routes = run.routes.num
+        k = run.optimizer_index(optimizer)
+        params, layers, _ = run.optimizer_params(optimizer)
+        due, present, names = run.is_due(step), [], []
+        if due:  # the layout of a sampled step: the layers and parameters that have gradients (frozen: None)
+            with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+            present = sorted({layers[i] for i in with_grad})
+            names = [run.param_name[id(params[i])] for i in with_grad] if self.per_parameter else []
+            due = bool(with_grad)
+        total = per_layer = per_param = None
+        if self._error is None:
+            try:
+                stats = run.grad_stats(optimizer)
+                assert stats.route_index is not None
+                per_tensor = stats.norms if self.norm_type == 2.0 else N.tensor_norms(stats.grads, self.norm_type)
+                if self.norm_type == 2.0 and stats.partial is not None:
+                    total = stats.partial
+                else:
+                    total = N.partial_powers(per_tensor, stats.route_index, n_routes, self.norm_type).reshape(-1)
+                if due:
+                    n_layers = len(run.layer_names)
+                    per_layer = N.partial_powers(
+                        per_tensor, stats.route_index, n_routes, self.norm_type, stats.layer_index, n_layers
+                    )[:, present]
+                    if names:
+                        each = torch.arange(len(names), device=per_tensor.device)
+                        per_param = N.partial_powers(
+                            per_tensor, stats.route_index, n_routes, self.norm_type, each, len(names)
+                        )
+            except Exception as err:  # noqa: BLE001 - reported at the flush, on every process alike
+                self._error = err
+                total = per_layer = per_param = None
+        device = N.local_tensor(params[0]).device if params else torch.device("cpu")
+        self._totals.append((step, k, total if total is not None else torch.zeros(n_routes, device=device)))
+        if due:
+            if per_layer is None:
+                per_layer = torch.zeros(n_routes, len(present), device=device)
+            if names and per_param is None:
+                per_param = torch.zeros(n_routes, len(names), device=device)
+            self._layers.append((step, k, [run.layer_label(i) for i in present], per_layer, names, per_param))
+
     def collect(self, run: _Run) -> None:
         self._loss_steps = self._stage_losses(run, self._losses)
         self._check_losses()
@@ -90,13 +144,21 @@ class _GradientNorms(_Monitor):
             run.stage((self.name, "loss_step"), self._bad_loss_step)
             run.stage((self.name, "loss_value"), self._bad_loss_value)
         totals, self._totals = self._totals, []
-        if totals:
+        if totals and run.routes is not None:  # sharded: (routes, steps) sums of powers, reduced at the transfer
+            device = totals[0][2].device
+            partial = torch.stack([t.float().to(device) for _, _, t in totals], dim=1)
+            run.stage_norms((self.name, "totals"), partial, self.norm_type)
+        elif totals:
             device = totals[0][2].device
             run.stage((self.name, "totals"), torch.stack([t.reshape(()).float().to(device) for _, _, t in totals]))
+        stage = run.stage if run.routes is None else functools.partial(run.stage_norms, norm_type=self.norm_type)
         for i, (_, _, _, values, _, params) in enumerate(self._layers):
-            run.stage((self.name, "layers", i), values)
+            stage((self.name, "layers", i), values)
             if params is not None:
-                run.stage((self.name, "params", i), params)
+                stage((self.name, "params", i), params)
+        if run.routes is not None:
+            device = run.pl_module.device
+            run.stage_failure((self.name, "failed"), self._error is not None, device)
         self._staged = ([(s, k) for s, k, _ in totals], len(self._layers), 0)
 
     def _stage_losses(self, run: _Run, losses: list[tuple[int, torch.Tensor]]) -> list[int]:
@@ -114,6 +176,9 @@ class _GradientNorms(_Monitor):
         return steps
 
     def records(self, run: _Run, host: dict[Hashable, Any]) -> list[Record]:
+        if host.get((self.name, "failed"), 0.0) > 0:  # here or on another process: off everywhere, together
+            self._layers, self._staged = [], None
+            raise _signals._deferred_error(self._error)
         out: list[Record] = []
         if self._loss_steps and (self.name, "losses") in host:
             out.append(LossSeries(tuple(self._loss_steps), tuple(host[(self.name, "losses")])))
@@ -121,7 +186,7 @@ class _GradientNorms(_Monitor):
         if (self.name, "loss_step") in host:
             out.append(LossCheck(int(host[(self.name, "loss_step")]), float(host[(self.name, "loss_value")])))
         keys = self._staged[0] if self._staged else []
-        if keys:
+        if keys and (self.name, "totals") in host:  # absent: sharded norms of a flush after an exception
             values = host[(self.name, "totals")]
             out.append(
                 GradientTotals(
@@ -129,6 +194,8 @@ class _GradientNorms(_Monitor):
                 )
             )
         for i, (step, k, labels, _, names, _) in enumerate(self._layers):
+            if (self.name, "layers", i) not in host:
+                continue
             params = tuple(zip(names, host.get((self.name, "params", i), ())))
             out.append(GradientLayers(step, k, tuple(labels), tuple(host[(self.name, "layers", i)]), params))
         self._layers = []

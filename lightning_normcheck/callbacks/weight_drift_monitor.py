@@ -11,6 +11,7 @@ from torch import Tensor
 from lightning_normcheck import norms as N
 from lightning_normcheck.callbacks._args import _check_bool
 from lightning_normcheck.callbacks._base import _Monitor, _NormCheckBase, _Run
+from lightning_normcheck.callbacks._signals import _deferred_error
 from lightning_normcheck.diagnosis.records import Record, UpdateSample, WeightSample
 from lightning_normcheck.diagnosis.thresholds import Thresholds
 
@@ -23,6 +24,7 @@ class _WeightDrift(_Monitor):
         self.params: list[Tensor] = []
         self.layers: list[int] = []
         self.layer_index: Tensor | None = None
+        self._routes: Tensor | None = None  # sharded parameters: the route of each (see _Run.stage_norms)
         self.reference: list[Tensor] | None = None
         self._snapshot: dict[int, list[Tensor]] = {}  # id(optimizer) -> params before a sampled step
         # id(optimizer) -> a snapshot buffer kept for the next sampled step (CPU only: there an allocation costs
@@ -34,25 +36,43 @@ class _WeightDrift(_Monitor):
         self._labels: list[str] = []
         self._staged_updates: list[tuple[int, int]] = []  # (id(optimizer), its update step) staged at the flush
         self._restored_reference: list[Tensor] | None = None
+        self._pending_updates: list[int] = []  # sharded: optimizers with a sampled step since the last flush
+        self._error: BaseException | None = None  # sharded: a failure to measure, reported at the next flush
 
     def setup(self, run: _Run) -> None:
         self.params = [p for p in run.pl_module.parameters() if p.requires_grad]
         self.layers = [run.param_layer[id(p)] for p in self.params]
         self.layer_index = torch.tensor(self.layers, dtype=torch.long)
         self.reference = None  # a new fit measures from its own start, unless a checkpoint restores one
+        self._pending_updates, self._error = [], None
+        # sharded (DTensor) parameters: everything below is of the local shards, and the norms are reduced across
+        # the mesh at the transfer (the reference and the snapshots are local shards too: nothing is gathered)
+        self._routes = run.route_index(self.params) if run.routes is not None else None
         # fast norms of self.params and of any list shaped like it (reference, differences); flush-time only
-        self._plan: N.NormPlan | None = N.norm_plan(self.params)
+        self._plan: N.NormPlan | None = N.norm_plan(self._local(self.params))
         self._ref_norms: tuple[list[Tensor], Tensor] | None = None  # (reference, its per-tensor norms)
         # id(optimizer) -> its parameters' indices in self.params (None: some are not in it)
         self._positions: dict[int, Tensor | None] = {}
 
+    def _local(self, tensors: list[Tensor]) -> list[Tensor]:
+        """This process's shards of sharded parameters (the tensors themselves otherwise)."""
+        return [N.local_tensor(t) for t in tensors] if self._routes is not None else tensors
+
     def on_train_start(self, run: _Run) -> None:
         ref = self._restored_reference
-        if ref is not None and len(ref) == len(self.params):
+        self._restored_reference = None
+        if self._routes is not None:
+            # sharded: the reference is this process's shards, taken now (a checkpoint holds rank zero's only, so
+            # a resumed run measures drift from where it resumed)
+            if self.track_drift:
+                try:
+                    self.reference = N.clone_tensors(self._local(self.params))
+                except Exception as err:  # noqa: BLE001 - reported at the next flush, on every process alike
+                    self._error = err
+        elif ref is not None and len(ref) == len(self.params):
             self.reference = [r.to(p.device) for r, p in zip(ref, self.params)]
         elif self.track_drift:
             self.reference = N.clone_tensors(self.params)
-        self._restored_reference = None
         owner = run.owner
         for opt in run.trainer.optimizers:
             hook = owner._guard(self, self._make_post_hook(run, opt))
@@ -62,6 +82,15 @@ class _WeightDrift(_Monitor):
         if run.is_due(run.step):  # a snapshot only before sampled steps: copying every step is costly
             params, _, _ = run.optimizer_params(optimizer)
             key = id(optimizer)
+            if self._routes is not None:
+                self._update_step[key] = run.step
+                if key not in self._pending_updates:
+                    self._pending_updates.append(key)
+                try:
+                    self._snapshot[key] = N.copy_tensors(self._local(params), into=self._buffers.pop(key, None))
+                except Exception as err:  # noqa: BLE001 - reported at the next flush, on every process alike
+                    self._error = self._error or err
+                return
             self._snapshot[key] = N.copy_tensors(params, into=self._buffers.pop(key, None))
             self._update_step[key] = run.step
 
@@ -72,7 +101,12 @@ class _WeightDrift(_Monitor):
                 return
             params, _, _ = run.optimizer_params(opt)
             # the snapshot is ours and done with: the differences go into it
-            self._updates[id(opt)] = N.sub_norms(before, params, inplace=True)
+            try:
+                self._updates[id(opt)] = N.sub_norms(before, self._local(params), inplace=True)
+            except Exception as err:  # noqa: BLE001
+                if self._routes is None:
+                    raise
+                self._error = self._error or err  # sharded: reported at the next flush, on every process alike
             if before and all(t.device.type == "cpu" for t in before):
                 self._buffers[id(opt)] = before
 
@@ -92,6 +126,9 @@ class _WeightDrift(_Monitor):
         present = sorted(set(self.layers))
         self._labels = [run.layer_label(i) for i in present]
         plan = getattr(self, "_plan", None)
+        if self._routes is not None:
+            self._collect_sharded(run, plan, present)
+            return
         with torch.no_grad():
             w_norms = N.plan_norms(plan, self.params)
         per_layer = N.group_norms(w_norms, self.layer_index, n_layers)
@@ -116,6 +153,67 @@ class _WeightDrift(_Monitor):
             self._staged_updates.append((opt_id, self._update_step.get(opt_id, run.step)))
         self._updates = {}
 
+    def _collect_sharded(self, run: _Run, plan: N.NormPlan | None, present: list[int]) -> None:
+        """:meth:`collect` of sharded parameters: per-layer sums of squares of the local shards, staged with
+        ``run.stage_norms`` (reduced across the mesh at the transfer); the ratios are taken on the host after.
+
+        What is staged follows from the layout and the schedule only; a failure to measure stages zeros of the same
+        shapes and is reported with the reduction (every process switches the monitor off at the same flush)."""
+        assert self._routes is not None and self.layer_index is not None and run.routes is not None
+        n_routes, n_layers = run.routes.num, len(run.layer_names)
+        device = N.local_tensor(self.params[0]).device
+        # an optimizer sampled but not stepped (a skipped manual step) has no update on any process; one whose
+        # update failed here has zeros, and the flag below switches the monitor off
+        opts = [
+            o
+            for o in run.trainer.optimizers
+            if id(o) in self._pending_updates and (id(o) in self._updates or self._error is not None)
+        ]
+        self._pending_updates = []
+        expected: list[tuple[Hashable, int]] = [((self.name, "norm"), len(present))]
+        if self.track_drift:
+            expected += [((self.name, "drift"), len(present)), ((self.name, "start"), len(present))]
+        for opt in opts:
+            n = len(set(run.optimizer_params(opt)[1]))
+            expected += [((self.name, "update", id(opt)), n), ((self.name, "update_w", id(opt)), n)]
+
+        def per_layer(norms: Tensor, routes: Tensor, layers: Tensor, which: list[int]) -> Tensor:
+            return N.partial_powers(norms, routes, n_routes, 2.0, layers, n_layers)[:, which]
+
+        values: dict[Hashable, Tensor] = {}
+        if self._error is None:
+            try:
+                local = self._local(self.params)
+                with torch.no_grad():
+                    w_norms = N.plan_norms(plan, local)
+                values[(self.name, "norm")] = per_layer(w_norms, self._routes, self.layer_index, present)
+                if self.track_drift and self.reference is not None:
+                    cached = getattr(self, "_ref_norms", None)
+                    if cached is None or cached[0] is not self.reference:  # the reference is fixed: measure it once
+                        cached = self._ref_norms = (self.reference, N.plan_norms(plan, self.reference))
+                    scratch = next(iter(self._buffers.values()), None)
+                    drift = N.drift_norms(local, self.reference, plan, scratch)
+                    values[(self.name, "drift")] = per_layer(drift, self._routes, self.layer_index, present)
+                    values[(self.name, "start")] = per_layer(cached[1], self._routes, self.layer_index, present)
+                for opt in opts:
+                    upd = self._updates[id(opt)]
+                    params, layers, index = run.optimizer_params(opt)
+                    routes = run.route_index(params)
+                    which = sorted(set(layers))
+                    with torch.no_grad():
+                        after = N.tensor_norms(self._local(params), device=w_norms.device)
+                    values[(self.name, "update", id(opt))] = per_layer(upd, routes, index, which)
+                    values[(self.name, "update_w", id(opt))] = per_layer(after, routes, index, which)
+            except Exception as err:  # noqa: BLE001 - reported at the flush, on every process alike
+                self._error = err
+                values = {}
+        for key, cols in expected:
+            value = values.get(key)
+            run.stage_norms(key, value if value is not None else torch.zeros(n_routes, cols, device=device))
+        run.stage_failure((self.name, "failed"), self._error is not None, device)
+        self._staged_updates = [(id(o), self._update_step.get(id(o), run.step)) for o in opts]
+        self._updates = {}
+
     def _update_ratios(self, run: _Run, opt: torch.optim.Optimizer, upd: Tensor, w_norms: Tensor) -> Tensor:
         """Per-layer ``||update|| / ||w_after||`` of one optimizer's parameters (the layers it trains)."""
         n_layers = len(run.layer_names)
@@ -137,11 +235,16 @@ class _WeightDrift(_Monitor):
         return (u / w.clamp_min(1e-12))[sorted(set(layers))]
 
     def records(self, run: _Run, host: dict[Hashable, Any]) -> list[Record]:
+        if host.get((self.name, "failed"), 0.0) > 0:  # here or on another process: off everywhere, together
+            self._staged_updates = []
+            raise _deferred_error(self._error)
         if (self.name, "norm") not in host:
             return []
         step = run.flush_step
         start = host.get((self.name, "start"))
         drift = host.get((self.name, "drift"))
+        if self._routes is not None and drift is not None and start is not None:  # sharded: absolute drift, reduced
+            drift = [d / max(s, 1e-12) for d, s in zip(drift, start)]
         out: list[Record] = [
             WeightSample(
                 step,
@@ -152,6 +255,11 @@ class _WeightDrift(_Monitor):
             )
         ]
         for opt_id, at in self._staged_updates:
+            if (self.name, "update", opt_id) not in host:  # sharded norms of a flush after an exception
+                continue
+            ratios = host[(self.name, "update", opt_id)]
+            if (self.name, "update_w", opt_id) in host:  # sharded: ||update|| and ||w_after||, reduced
+                ratios = [u / max(w, 1e-12) for u, w in zip(ratios, host[(self.name, "update_w", opt_id)])]
             k, opt = next((i, o) for i, o in enumerate(run.trainer.optimizers) if id(o) == opt_id)
             _, layers, _ = run.optimizer_params(opt)
             group = opt.param_groups[0]
@@ -165,14 +273,15 @@ class _WeightDrift(_Monitor):
                     lr,
                     lr < 0.99 * base,  # below the scheduler's base LR: a warm-up
                     tuple(run.layer_label(i) for i in sorted(set(layers))),
-                    tuple(host[(self.name, "update", opt_id)]),
+                    tuple(ratios),
                 )
             )
         self._staged_updates = []
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        ref = [r.detach().cpu() for r in self.reference] if self.reference is not None else None
+        sharded = self._routes is not None  # this process's shards: meaningless to the others on resume
+        ref = [r.detach().cpu() for r in self.reference] if self.reference is not None and not sharded else None
         return {"reference": ref}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

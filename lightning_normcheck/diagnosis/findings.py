@@ -74,6 +74,15 @@ class Finding:
         where = f" [{self.layer}]" if self.layer else ""
         return f"{self.severity.upper()} {self.code}{where} @ step {self.step}: {self.message}"
 
+    def short(self, width: int = 160) -> str:
+        """One line: severity, code, layer, step and the start of what was seen (the full text is in the
+        summary and in each logger's findings)."""
+        where = f" [{self.layer}]" if self.layer else ""
+        head = f"{self.severity.upper()} {self.code}{where} @ step {self.step}: "
+        seen = self.message.split(". ")[0]
+        room = max(20, width - len(head))
+        return head + (seen if len(seen) <= room else seen[: room - 3] + "...")
+
 
 def _rank(severity: str) -> int:
     return SEVERITIES.index(severity)  # type: ignore[arg-type]
@@ -201,7 +210,7 @@ class FindingLog:
         if not self.enabled:
             return
         level = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}[finding.severity]
-        log.log(level, "%s", finding)
+        log.log(level, "%s", finding.short())  # one short line while training; the full text once, in the summary
         for listener in self.listeners:
             listener(finding)
 
@@ -216,18 +225,50 @@ class FindingLog:
             self._by_key[(f.code, f.layer)] = f
 
     def table(self) -> str:
-        """A short fixed-width table of the findings, worst first."""
-        rows = sorted(self._by_key.values(), key=lambda f: (-_rank(f.severity), f.step))
-        if not rows:
+        """The findings as a short table: one row per code (its layers grouped), worst first, then by first step,
+        with the registry's one-line fix; nothing cut. A markdown table, padded so it reads in a console too.
+
+        Example:
+            >>> log = FindingLog()
+            >>> for layer in ("net.10", "net.2", "net.4", "net.6"):
+            ...     _ = log.report("dead_units", "warning", 5, layer, "...")
+            >>> _ = log.report("exploding_gradients", "error", 9, None, "...")
+            >>> lines = log.table().splitlines()
+            >>> lines[0]
+            'normcheck: 5 finding(s) of 2 code(s): 1 error, 4 warning'
+            >>> [c.strip() for c in lines[4].split("|")[1:5]], "net.2, net.4 (+2 more)" in lines[5]
+            (['error', 'exploding_gradients', '-', '9'], True)
+        """
+        import re
+
+        found = sorted(self._by_key.values(), key=lambda f: (-_rank(f.severity), f.step, f.layer or ""))
+        if not found:
             return "normcheck: no findings."
-        lines = [
-            f"normcheck: {len(rows)} finding(s)",
-            f"{'severity':<8} {'step':>6}  {'code':<26} {'layer':<24} message",
-        ]
-        for f in rows:
-            msg = f.message if len(f.message) <= 160 else f.message[:157] + "..."
-            lines.append(f"{f.severity:<8} {f.step:>6}  {f.code:<26} {str(f.layer or '-'):<24} {msg}")
-        return "\n".join(lines)
+        groups: dict[str, list[Finding]] = {}  # a code's place: that of its worst, earliest finding
+        for f in found:
+            groups.setdefault(f.code, []).append(f)
+        counts = ", ".join(f"{n} {sev}" for sev in reversed(SEVERITIES) if (n := sum(f.severity == sev for f in found)))
+        header = ("severity", "code", "layers", "first step", "fix")
+        rows = []
+        for code, group in groups.items():
+            # layers in natural order (net.2 before net.10): the full list, worst first, is in the details
+            names = sorted(
+                (f.layer or "-" for f in group),
+                key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)],
+            )
+            layers = ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} (+{len(names) - 2} more)"
+            spec = REGISTRY.get(code)
+            cells = (group[0].severity, code, layers, str(min(f.step for f in group)), spec.fix if spec else "")
+            rows.append(tuple(c.replace("|", "\\|") for c in cells))
+        widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+
+        def line(cells: tuple[str, ...]) -> str:
+            padded = (c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            return "| " + " | ".join(padded) + " |"
+
+        rule = "|" + "|".join("-" * (w + 1) + (":" if i == 3 else "-") for i, w in enumerate(widths)) + "|"
+        title = f"normcheck: {len(found)} finding(s) of {len(groups)} code(s): {counts}"
+        return "\n".join([title, "", line(header), rule, *(line(r) for r in rows)])
 
 
 __all__ = ["Finding", "FindingLog", "SEVERITIES", "Severity"]
