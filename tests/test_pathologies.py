@@ -87,14 +87,6 @@ def test_vanishing_gradients_over_depth_needs_two_samples() -> None:
     assert "net.0" in f.message and has_remedy(f.message)
 
 
-def test_prenorm_like_20x_spread_is_silent() -> None:
-    rig = Rig()
-    norms = _layers([0.05, 0.9, 0.3, 1.0, 0.06, 0.5, 1.2, 0.4])  # a 20x spread without a trend
-    for s in range(5):
-        rig.feed(s, totals([(s, 80.0 / (s + 1))]), layers(s, norms))
-    assert not rig.log.findings
-
-
 def test_geometric_growth_over_time_is_exploding() -> None:
     rig = Rig()
     climb = [(s, 2.0 * 2.5**s) for s in range(8)]  # x2.5 per step: 2 -> 1220
@@ -294,19 +286,6 @@ def _weights(rules: Any, step: int, growth: dict[str, float]) -> None:
     names = tuple(growth)
     norms = tuple(3.0 * g for g in growth.values())
     rules.observe(Flush(step, (WeightSample(step, names, norms, start_norms=(3.0,) * len(names)),)))
-
-
-def test_weight_growth_relative_to_the_median_layer() -> None:
-    rules = _weight_rules()
-    for s in range(4):  # a CNN head growing 2.3x while the rest is flat: healthy
-        _weights(rules, s, {"conv1": 1.0, "conv2": 1.05, "conv3": 1.1, "head": 2.3})
-    assert not rules.log.findings
-    _weights(rules, 4, {"conv1": 1.0, "conv2": 1.05, "conv3": 1.1, "head": 8.0})
-    assert not rules.log.findings  # one sample is not a window
-    _weights(rules, 5, {"conv1": 1.0, "conv2": 1.05, "conv3": 1.1, "head": 9.0})
-    (f,) = rules.log.findings
-    assert (f.code, f.layer) == ("weight_norm_growth", "head") and f.value == pytest.approx(9.0 / 1.075)
-    assert has_remedy(f.message)
 
 
 def test_thresholds_are_configurable() -> None:
