@@ -260,3 +260,27 @@ def test_wandb_gets_a_table_in_history_and_summary(tmp_path: Path, monkeypatch: 
         (f.code, f.severity, f.step, f.layer) for f in want
     ]
     assert [r["message"] for r in got] == [f.message for f in want]
+
+
+def test_tensorboard_custom_scalars_layout(tmp_path: Path) -> None:
+    """The Custom Scalars tab: one multi-line chart per kind with every layer, whose tag patterns match the
+    tags the run logged."""
+    import re
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    fit(planted(), loader(regression_data()), [NormCheck(print_summary=False)], max_steps=6, logger=logger)
+    ea = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    ea.Reload()
+    (event,) = ea.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    scalars = ea.Tags()["scalars"]
+    for title in ("gradient norm, every layer", "activation RMS, every module", "weight norm, every layer"):
+        matched = [t for t in scalars if any(re.match(p, t) for p in charts[title])]
+        assert len(matched) >= 2, (title, matched)
+    total = charts["total gradient norm (pre-clip) and clip rate"]
+    assert [t for t in scalars if any(re.match(p, t) for p in total)] == ["normcheck/grad_norm/total"]

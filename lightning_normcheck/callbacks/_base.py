@@ -310,6 +310,8 @@ class _NormCheckBase(_Isolation, Callback):
         run = self._run
         if run is None:
             return
+        if run.is_global_zero:
+            _emission.publish_layout(trainer.loggers)
         algo = getattr(trainer, "gradient_clip_algorithm", None)  # a GradClipAlgorithmType: str() is its name
         info = RunInfo(
             layers=tuple(run.layer_label(i) for i in range(len(run.layer_names))),

@@ -163,6 +163,40 @@ def publish_headline(trainer: Any, rows: dict[int, dict[str, float]]) -> None:
         pass
 
 
+#: The TensorBoard "Custom Scalars" layout: one multi-line chart per kind with every layer, the total gradient
+#: norm with the clip rate (``(title, [regex of the tags], ...)`` per category).
+LAYOUT: dict[str, dict[str, list[str]]] = {
+    "normcheck: gradients": {
+        "total gradient norm (pre-clip) and clip rate": [f"^{TOTAL_KEY}$", f"^{CLIP_RATE_KEY}$"],
+        "gradient norm, every layer": [f"^{PREFIX}grad_norm/(?!total$).*"],
+    },
+    "normcheck: activations": {
+        "activation RMS, every module": [f"^{PREFIX}act_rms/.*"],
+        "dead ReLU fraction": [f"^{PREFIX}dead_frac/.*"],
+        "saturated tanh/sigmoid fraction": [f"^{PREFIX}saturated_frac/.*"],
+    },
+    "normcheck: weights": {
+        "weight norm, every layer": [f"^{PREFIX}weight_norm/.*"],
+        "update / weight ratio": [f"^{PREFIX}update_ratio/.*"],
+        "drift from the start of fit": [f"^{PREFIX}weight_drift/.*"],
+    },
+}
+
+
+def publish_layout(loggers: Sequence[Any]) -> None:
+    """The Custom Scalars layout (:data:`LAYOUT`) to every TensorBoard logger, once per fit."""
+    for logger in loggers:
+        if type(logger).__name__ != "TensorBoardLogger":
+            continue
+        try:
+            layout = {
+                cat: {title: ["Multiline", tags] for title, tags in charts.items()} for cat, charts in LAYOUT.items()
+            }
+            logger.experiment.add_custom_scalars(layout)
+        except Exception:  # noqa: BLE001 - a convenience: never a reason for a monitor to fail
+            pass
+
+
 def findings_text(findings: Sequence[Finding]) -> str:
     """Markdown text of some findings (for a logger's text panel)."""
     return "\n\n".join(f"**{f.severity}** `{f.code}` {f.layer or ''} (step {f.step}): {f.message}" for f in findings)
