@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis): any argument is validated at construction, and odd models train
-unchanged with NormCheck attached, with no monitor switched off (issue 9).
+unchanged with NormCheck attached, with no monitor switched off.
 
 Example counts are small (each odd-model example trains two real models); run with
 ``--hypothesis-seed`` to reproduce a failure.

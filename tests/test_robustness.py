@@ -1,4 +1,4 @@
-"""A monitor must never be the reason a training run fails or changes (issue 9).
+"""A monitor must never be the reason a training run fails or changes.
 
 Every test trains a real tiny Lightning model on CPU. "Identical" always means ``torch.equal`` on every
 parameter and buffer of a run with NormCheck against the same run (same seed) without it.

@@ -228,7 +228,7 @@ class WeightThresholds:
 class ClipThresholds:
     """Clipping on most steps."""
 
-    #: A clip rate above this over a full window is "most steps": the blog's "almost always above the clip
+    #: A clip rate above this over a full window is "most steps": gradients "almost always above the clip
     #: threshold" (also ``NormCheck(high_clip_rate=...)``).
     high_rate: float = _fraction(0.5)
     #: Minimum optimizer steps in the clip window before judging: 16 fits the dense early sampling
