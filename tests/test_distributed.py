@@ -19,11 +19,8 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
     )
-    written = (tmp_path / "rank0.json").exists() and (tmp_path / "rank1.json").exists()
-    # a rare abort of gloo's threads at interpreter exit, after both ranks finished and wrote their results, is
-    # torch's teardown, not this package: the checks below still judge everything the run produced
-    teardown_abort = written and "terminate called without an active exception" in proc.stderr
-    assert proc.returncode == 0 or teardown_abort, proc.stderr[-3000:]
+    # the script leaves with os._exit once its results are written: no exit-time teardown that could abort
+    assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     # DDP all-reduces gradients before on_before_optimizer_step: both ranks measure the same global norm

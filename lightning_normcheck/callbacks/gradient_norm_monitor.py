@@ -31,10 +31,12 @@ class _GradientNorms(_Monitor):
         self._layers: list[tuple[int, int, list[str], torch.Tensor, list[str], torch.Tensor | None]] = []
         self._staged: tuple[list[tuple[int, int]], int, int] | None = None
         self._loss_steps: list[int] = []
+        self._scale: float | None = None  # the GradScaler's loss scale at the last logging step
         self._error: BaseException | None = None  # sharded: a failure to measure, reported at the next flush
 
     def setup(self, run: _Run) -> None:
         self._error = None
+        self._scale = None
         self._bad_loss_step = self._bad_loss_value = None
         self._losses = []
         self._totals = []
@@ -160,6 +162,7 @@ class _GradientNorms(_Monitor):
             device = run.pl_module.device
             run.stage_failure((self.name, "failed"), self._error is not None, device)
         self._staged = ([(s, k) for s, k, _ in totals], len(self._layers), 0)
+        self._scale = _loss_scale(run) if totals else None
 
     def _stage_losses(self, run: _Run, losses: list[tuple[int, torch.Tensor]]) -> list[int]:
         """Stage the mean loss of each step (its micro-batches) as one vector; returns the steps."""
@@ -190,7 +193,11 @@ class _GradientNorms(_Monitor):
             values = host[(self.name, "totals")]
             out.append(
                 GradientTotals(
-                    tuple(s for s, _ in keys), tuple(values), tuple(k for _, k in keys), float(self.norm_type)
+                    tuple(s for s, _ in keys),
+                    tuple(values),
+                    tuple(k for _, k in keys),
+                    float(self.norm_type),
+                    self._scale,
                 )
             )
         for i, (step, k, labels, _, names, _) in enumerate(self._layers):
@@ -255,6 +262,17 @@ class GradientNormMonitor(_NormCheckBase):
         super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary, thresholds=thresholds)
         self._monitors = [_make_monitor(type(self).__name__, norm_type=norm_type, per_parameter=per_parameter)]
         self._monitors.append(_signals._make_spikes(type(self).__name__))  # batches of gradient spikes
+
+
+def _loss_scale(run: _Run) -> float | None:
+    """The AMP GradScaler's current loss scale (``None``: no enabled scaler). ``get_scale()`` reads it on the host:
+    called at logging steps only, once."""
+    scaler = getattr(getattr(run.trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None or not callable(getattr(scaler, "get_scale", None)):
+        return None
+    if callable(getattr(scaler, "is_enabled", None)) and not scaler.is_enabled():
+        return None
+    return float(scaler.get_scale())
 
 
 def _make_monitor(owner: str, norm_type: float, per_parameter: bool) -> _GradientNorms:

@@ -68,8 +68,11 @@ def _fmt(v: float) -> str:
 
 
 def has_nonfinite_finding(log: FindingLog) -> bool:
-    """Whether the first non-finite value of the run was already reported (loss, gradient or activation)."""
-    return log.has(*NONFINITE_CODES) or any(f.extra.get("nonfinite") for f in log.of("exploding_activations"))
+    """Whether the first non-finite value of the run was already reported (loss, gradient or activation). Steps an
+    AMP GradScaler skipped (an info ``nonfinite_gradients``) are not one: it recovered from them."""
+    return log.has(*NONFINITE_CODES, at_least="warning") or any(
+        f.extra.get("nonfinite") for f in log.of("exploding_activations")
+    )
 
 
 def has_data_cause(log: FindingLog) -> bool:
@@ -150,7 +153,9 @@ class NonfiniteRules(Rules):
     """The first non-finite loss, gradient or activation of the run, once; the exception that followed it.
 
     Under an AMP GradScaler (fp16) non-finite gradient steps are skipped by design: only a run of
-    ``amp_nonfinite_steps`` of them in a row is reported (counted across logging steps).
+    ``amp_nonfinite_steps`` of them in a row is an error (counted across logging steps). Shorter runs, once a
+    finite step ends them, are counted in one info finding that says how many steps the scaler skipped and the
+    loss scale it backed off to (when the records carry the scale the gradient monitor read).
     """
 
     name = "nonfinite"
@@ -159,11 +164,16 @@ class NonfiniteRules(Rules):
         super().__init__(ctx, log)
         self._run = 0  # non-finite gradient steps in a row, up to the last one seen
         self._run_since = -1  # the first of them
+        self._run_last = -1  # the last of them
+        self._skipped = 0  # AMP: non-finite steps in runs that a finite step ended (the GradScaler skipped them)
+        self._skipped_first = -1  # the first of them
+        self._skipped_last = -1  # the last of them
 
     # -- observe ---------------------------------------------------------------------------------------------
     def observe(self, flush: Flush) -> None:
         if has_nonfinite_finding(self.log):
             return
+        skipped = self._skipped
         grad = self._first_gradient(step_totals(flush.of(GradientTotals)))
         loss = first_loss(flush)
         sample = flush.first(ActivationSample)
@@ -173,17 +183,25 @@ class NonfiniteRules(Rules):
             self._report_gradient(grad, flush.of(GradientLayers))
         elif sample is not None:
             self._report_activation(sample)
+        scales = [r.scale for r in flush.of(GradientTotals) if r.scale is not None]
+        if self._skipped > skipped and scales and not has_nonfinite_finding(self.log):
+            self._report_skipped(flush.step, scales[-1])
 
     def _first_gradient(self, totals: list[tuple[int, int, float]]) -> FirstGradient | None:
         """The first non-finite total norm; with a GradScaler, the step that completes a long enough run."""
         need = self.ctx.thresholds.gradients.amp_nonfinite_steps if self.ctx.run.amp_scaler else 1
         for _, s, v in totals:
             if math.isfinite(v):
+                if self._run and need > 1:  # the scaler skipped that run and recovered
+                    self._skipped += self._run
+                    self._skipped_first = self._run_since if self._skipped_first < 0 else self._skipped_first
+                    self._skipped_last = self._run_last
                 self._run = 0
                 continue
             if self._run == 0:
                 self._run_since = s
             self._run += 1
+            self._run_last = s
             if self._run >= need:
                 return FirstGradient(step=s, since=self._run_since, value=v, count=self._run)
         return None
@@ -240,6 +258,33 @@ class NonfiniteRules(Rules):
         message = compose("nonfinite_gradients", seen, where=where)
         self.log.report("nonfinite_gradients", None, grad.step, layer, message, value=grad.value, since=grad.since)
 
+    def _report_skipped(self, step: int, scale: float) -> None:
+        """Info: the GradScaler skipped steps whose gradients overflowed, backed off its scale and went on. Only
+        with the scale the monitor read (records without one, e.g. rebuilt from logs, say nothing of skips)."""
+        n, need = self._skipped, self.ctx.thresholds.gradients.amp_nonfinite_steps
+        span = (
+            f"step {self._skipped_first}" if n == 1 else f"between steps {self._skipped_first} and {self._skipped_last}"
+        )
+        seen = (
+            f"the AMP GradScaler skipped {n} optimizer step{'s' if n != 1 else ''} ({span}) whose gradients were"
+            f" inf/NaN after unscaling and backed off its loss scale (now {scale:.6g}, read at step {step}); no run of"
+            f" skipped steps reached amp_nonfinite_steps={need} in a row"
+        )
+        message = compose(
+            "nonfinite_gradients",
+            seen,
+            causes=("the loss scale was too large for fp16 (the scaler starts high and backs off by design)",),
+            fixes=(),
+            note=(
+                "Nothing to fix: skipping and backing off is how the GradScaler finds its scale; a run of"
+                f" {need} skipped steps in a row would be an error."
+            ),
+        )
+        extra = {"skipped": n, "scale": scale}
+        if self.log.get("nonfinite_gradients") is None:
+            self.log.report("nonfinite_gradients", "info", step, None, message, scale, self._skipped_first, **extra)
+        self.log.revise("nonfinite_gradients", None, message, step=step, count=n, value=scale, **extra)
+
     def _report_activation(self, sample: ActivationSample) -> None:
         acts = first_activation(sample)
         if acts.module is None and not acts.input_bad:
@@ -290,7 +335,7 @@ class NonfiniteRules(Rules):
 
     def _culprit(self) -> Finding | None:
         """The finding that most likely explains an exception: the first non-finite value, else an explosion."""
-        ranked = self.log.of(*NONFINITE_CODES)
+        ranked = [f for f in self.log.of(*NONFINITE_CODES) if f.severity != "info"]  # info: skipped AMP steps
         ranked += [f for f in self.log.of("exploding_activations") if f.extra.get("nonfinite")]
         explosions = self.log.of("exploding_gradients", "exploding_activations", "weight_norm_growth")
         ranked += [f for f in explosions if f.severity != "info"]
@@ -315,11 +360,23 @@ class NonfiniteRules(Rules):
 
     # -- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "run": self._run, "run_since": self._run_since}
+        return {
+            "version": 2,
+            "run": self._run,
+            "run_since": self._run_since,
+            "run_last": self._run_last,
+            "skipped": self._skipped,
+            "skipped_first": self._skipped_first,
+            "skipped_last": self._skipped_last,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._run = int(state.get("run", 0))
         self._run_since = int(state.get("run_since", -1))
+        self._run_last = int(state.get("run_last", self._run_since + self._run - 1))
+        self._skipped = int(state.get("skipped", 0))
+        self._skipped_first = int(state.get("skipped_first", -1))
+        self._skipped_last = int(state.get("skipped_last", -1))
 
 
 __all__ = [

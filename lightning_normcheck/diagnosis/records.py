@@ -75,12 +75,14 @@ class GradientTotals:
         totals: the total norm of each.
         optimizers: the index of the optimizer of each (0 for the only one).
         norm_type: the p of the p-norm.
+        scale: the AMP GradScaler's loss scale, read once at the logging step (``None``: no scaler).
     """
 
     steps: tuple[int, ...]
     totals: tuple[float, ...]
     optimizers: tuple[int, ...]
     norm_type: float = 2.0
+    scale: float | None = None
 
     def series(self, optimizer: int | None = None) -> list[tuple[int, float]]:
         """``(step, total)`` pairs, of one optimizer or of all."""

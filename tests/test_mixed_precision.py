@@ -1,0 +1,167 @@
+"""fp16 autocast with a GradScaler on CPU: real Lightning runs.
+
+``Trainer(precision="16-mixed")`` on CPU becomes bf16-mixed (no scaler); an explicit
+``MixedPrecision("16-mixed", "cpu", scaler=GradScaler("cpu"))`` plugin runs a real fp16 autocast with a loss scaler,
+and Lightning unscales the gradients before ``on_before_optimizer_step``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from helpers import LitModel, MemLogger, bad, fit, loader, mlp, regression_data
+from lightning.pytorch.plugins import MixedPrecision
+from torch.nn.utils import get_total_norm
+
+from lightning_normcheck import NormCheck
+from lightning_normcheck.callbacks._emission import TOTAL_KEY
+from lightning_normcheck.diagnosis.engine import Context, Flush
+from lightning_normcheck.diagnosis.findings import FindingLog
+from lightning_normcheck.diagnosis.nonfinite import NonfiniteRules
+from lightning_normcheck.diagnosis.records import GradientTotals, RunInfo, TrainingError
+from lightning_normcheck.diagnosis.thresholds import Thresholds
+
+
+class Recorder(L.Callback):
+    """Independently of the package: the total norm of the gradients the optimizer is about to use (already
+    unscaled by Lightning at this hook), the loss scale then, and each step's loss."""
+
+    def __init__(self) -> None:
+        self.total: dict[int, float] = {}
+        self.scale: dict[int, float] = {}
+        self.loss: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self.total[trainer.global_step] = get_total_norm(grads).item()
+        plugin = trainer.precision_plugin
+        assert isinstance(plugin, MixedPrecision) and plugin.scaler is not None
+        self.scale[trainer.global_step] = plugin.scaler.get_scale()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        self.loss[trainer.global_step - 1] = float(outputs["loss"])
+
+
+def _fp16(scaler: torch.amp.GradScaler) -> MixedPrecision:
+    return MixedPrecision("16-mixed", "cpu", scaler=scaler)
+
+
+def _run(model: L.LightningModule, scaler: torch.amp.GradScaler, steps: int = 40) -> tuple[Recorder, NormCheck, Any]:
+    rec, cb, mem = Recorder(), NormCheck(print_summary=False), MemLogger()
+    t = fit(
+        model,
+        loader(regression_data(), 16, shuffle=True),
+        [rec, cb],
+        max_steps=steps,
+        logger=mem,
+        plugins=[_fp16(scaler)],
+    )
+    assert isinstance(t.precision_plugin, MixedPrecision) and t.precision_plugin.scaler is scaler
+    return rec, cb, mem
+
+
+def _model() -> LitModel:
+    torch.manual_seed(0)
+    return LitModel(mlp(), lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def healthy() -> tuple[Recorder, NormCheck, Any, torch.amp.GradScaler]:
+    scaler = torch.amp.GradScaler("cpu")  # the defaults: init_scale 2**16, halved on each skipped step
+    return (*_run(_model(), scaler), scaler)
+
+
+def test_total_norm_is_that_of_the_unscaled_gradients(healthy: Any) -> None:
+    rec, _, mem, _ = healthy
+    logged = {step: row[TOTAL_KEY] for step, row in mem.rows if TOTAL_KEY in row}
+    assert sorted(logged) == sorted(rec.total) == list(range(40))
+    for step, value in logged.items():
+        assert value == pytest.approx(rec.total[step], rel=1e-5, nan_ok=True)
+    # the scale is large: the logged norms are not those of the scaled gradients (which would be ~2**13x larger)
+    assert min(rec.scale.values()) >= 2.0**10 and max(v for v in logged.values() if math.isfinite(v)) < 100
+
+
+def test_healthy_fp16_run_is_silent_and_learns(healthy: Any) -> None:
+    rec, cb, _, scaler = healthy
+    assert bad(cb.findings) == [], [str(f) for f in cb.findings]
+    losses = [rec.loss[s] for s in range(40)]
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    # the default scale overflows on a few steps here before it settles: said once, as info (tested below)
+    assert {f.code for f in cb.findings} <= {"nonfinite_gradients"}
+
+
+def test_steps_the_scaler_skipped_are_info_with_the_scale() -> None:
+    # 2**40 overflows fp16 on the first steps; backing off by 2**-8 per skipped step reaches a usable scale after a
+    # few (measured: 4 steps skipped on this model), fewer than amp_nonfinite_steps (5) in a row
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-8)
+    rec, cb, _ = _run(_model(), scaler)
+    skipped = [s for s, v in sorted(rec.total.items()) if not math.isfinite(v)]
+    assert skipped and skipped[0] == 0 and len(skipped) < 5
+    (f,) = cb.findings
+    assert (f.code, f.severity, f.layer, f.since) == ("nonfinite_gradients", "info", None, 0)
+    assert f.extra["skipped"] == f.count == len(skipped)
+    assert f.extra["scale"] == f.value == scaler.get_scale() < 2.0**40
+    assert f"skipped {len(skipped)} optimizer steps" in f.message
+    assert f"now {scaler.get_scale():.6g}" in f.message
+    losses = [rec.loss[s] for s in range(40)]
+    assert sum(losses[-5:]) < 0.5 * sum(losses[5:10])  # it went on and learned
+
+
+class _NaNGradient(LitModel):
+    """A finite loss whose backward is NaN on every step: sqrt at 0 has an infinite derivative, times 0."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        pred = self(x)
+        pred = pred + 1e-3 * torch.sqrt((pred - pred.detach()) ** 2)
+        return self.loss_fn(pred, y)
+
+
+def test_persistent_nonfinite_gradients_under_the_scaler_are_an_error() -> None:
+    torch.manual_seed(0)
+    rec, cb, _ = _run(_NaNGradient(mlp(), lr=0.05), torch.amp.GradScaler("cpu"), steps=12)
+    assert all(math.isnan(v) for v in rec.total.values()) and all(math.isfinite(v) for v in rec.loss.values())
+    errors = [f for f in cb.findings if f.code == "nonfinite_gradients"]
+    assert [(f.severity, f.step, f.since) for f in errors] == [("error", 4, 0)]  # the 5th skipped step in a row
+    assert "on 5 steps in a row from step 0" in errors[0].message and "GradScaler" in errors[0].message
+
+
+# -- the rule alone, on hand-built records ----------------------------------------------------------------------------
+def _rules() -> NonfiniteRules:
+    return NonfiniteRules(Context(Thresholds(), RunInfo(amp_scaler=True)), FindingLog())
+
+
+def _feed(rules: NonfiniteRules, pairs: list[tuple[int, float]], scale: float | None) -> None:
+    steps, totals = tuple(s for s, _ in pairs), tuple(v for _, v in pairs)
+    rules.observe(Flush(steps[-1], (GradientTotals(steps, totals, (0,) * len(steps), scale=scale),)))
+
+
+def test_skipped_steps_are_counted_then_escalate_when_a_run_persists() -> None:
+    inf = math.inf
+    rules = _rules()
+    _feed(rules, [(0, inf), (1, inf), (2, 1.0), (3, inf)], scale=2.0**14)
+    (f,) = rules.log.findings
+    assert (f.severity, f.step, f.since, f.extra["skipped"], f.value) == ("info", 3, 0, 2, 2.0**14)
+    assert "skipped 2 optimizer steps (between steps 0 and 1)" in f.message and "now 16384" in f.message
+    _feed(rules, [(4, 1.0), (5, 1.0)], scale=2.0**13)  # the open run (step 3) closed: revised, still one finding
+    (f,) = rules.log.findings
+    assert (f.severity, f.count, f.value) == ("info", 3, 2.0**13) and "between steps 0 and 3" in f.message
+    state = rules.state_dict()
+    resumed = _rules()
+    resumed.load_state_dict(state)
+    resumed.log.load_state_dict(rules.log.state_dict())
+    _feed(resumed, [(s, math.nan) for s in range(6, 11)], scale=2.0**8)  # 5 in a row: the scaler did not recover
+    (f,) = resumed.log.findings
+    assert (f.severity, f.step, f.since) == ("error", 10, 6) and "on 5 steps in a row from step 6" in f.message
+
+
+def test_skipped_steps_do_not_explain_an_exception() -> None:
+    rules = _rules()
+    _feed(rules, [(0, math.inf), (1, 1.0)], scale=2.0**15)
+    rules.explain(TrainingError(step=2, type_name="RuntimeError", text="CUDA out of memory"))
+    (f,) = rules.log.findings
+    assert f.severity == "info" and "Training then raised" not in f.message
