@@ -253,3 +253,6 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    from ddp_run import _exit_now  # this folder is on sys.path when run as a script
+
+    _exit_now()  # no exit-time teardown: see ddp_run._exit_now
