@@ -46,27 +46,27 @@ def main(out_dir: str) -> None:
         callbacks=[rec, cb],
     )
     trainer.fit(LitModel(net, lr=0.01), loader(regression_data(n=256), 16))
-    with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
-        json.dump(
-            {
-                "total": rec.total,
-                "findings": [x.code for x in cb.findings if x.severity != "info"],
-                "reported": cb._findings.enabled,
-            },
-            f,
-        )
-    # tear the process group down before the interpreter exits: left to exit, gloo's threads can abort the
-    # process ("terminate called without an active exception", exit code -6) after a successful fit
+    result = {
+        "total": rec.total,
+        "findings": [x.code for x in cb.findings if x.severity != "info"],
+        "reported": cb._findings.enabled,
+    }
+    finish(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), result)
+
+
+def finish(path: str, result: dict) -> None:  # type: ignore[type-arg]
+    """Write this rank's result, tear the process group down and leave without the interpreter's exit-time
+    teardown. Left to exit, gloo's threads can abort the process ("terminate called without an active
+    exception", exit code -6) after a successful fit: ``std::terminate`` from a C++ object destroyed while its
+    thread is still joinable; ``os._exit`` runs no atexit handlers and no C++ static destructors
+    (https://docs.python.org/3/library/os.html#os._exit). Everything the run produced is written and closed
+    before (this file; loggers close their files at the end of fit). The other multi-process scripts end the
+    same way."""
+    with open(path, "w") as f:
+        json.dump(result, f)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-
-
-def _exit_now() -> None:
-    """Leave without the interpreter's exit-time teardown. That abort is ``std::terminate`` from a C++ object
-    destroyed while its thread is still joinable, at exit; ``os._exit`` runs no atexit handlers and no C++ static
-    destructors (https://docs.python.org/3/library/os.html#os._exit), so it cannot happen. Everything this run
-    produced is written and closed before (the JSON file, the CSV logger's file at the end of fit)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -74,4 +74,3 @@ def _exit_now() -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    _exit_now()

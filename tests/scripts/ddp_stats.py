@@ -12,7 +12,6 @@ The test imports this file too: :func:`fit_shard` with ``devices=1`` is the one-
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
@@ -172,16 +171,10 @@ def fit_healthy(devices: int) -> dict[str, Any]:
 
 def main(out_dir: str) -> None:
     result = {"shard": fit_shard(2), "healthy": fit_healthy(2)}
-    with open(os.path.join(out_dir, f"rank{rank()}.json"), "w") as f:
-        json.dump(result, f)
-    # tear the process group down before the interpreter exits (left to exit, gloo's threads can abort it)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    from ddp_run import finish  # this folder is on sys.path when run as a script
+
+    finish(os.path.join(out_dir, f"rank{rank()}.json"), result)
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    from ddp_run import _exit_now  # this folder is on sys.path when run as a script
-
-    _exit_now()  # no exit-time teardown: see ddp_run._exit_now

@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import lightning as L
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ddp_run import finish  # noqa: E402  (this folder is on sys.path when run as a script)
 from helpers import LitModel, loader, regression_data  # noqa: E402
 
 from lightning_normcheck import NormCheck  # noqa: E402
@@ -50,22 +49,13 @@ def main(out_dir: str) -> None:
         callbacks=[cb],
     )
     trainer.fit(OneRankBug(), loader(regression_data(n=1280), 16))
-    with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
-        json.dump(
-            {
-                "codes": [x.code for x in cb.findings if x.severity != "info"],
-                "global_step": trainer.global_step,
-                "stopped_by": cb.stopped_by.code if cb.stopped_by else None,
-            },
-            f,
-        )
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    result = {
+        "codes": [x.code for x in cb.findings if x.severity != "info"],
+        "global_step": trainer.global_step,
+        "stopped_by": cb.stopped_by.code if cb.stopped_by else None,
+    }
+    finish(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), result)
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    from ddp_run import _exit_now  # this folder is on sys.path when run as a script
-
-    _exit_now()  # no exit-time teardown: see ddp_run._exit_now

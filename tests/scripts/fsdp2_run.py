@@ -4,7 +4,6 @@ logged; two fits in the same processes: 32-bit, then bf16-mixed with a sparser l
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
@@ -242,17 +241,10 @@ def main(out_dir: str) -> None:
         "fail": _fails_on_one_rank(out_dir),
     }
     rank = result["fp32"]["rank"]
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    # tear the process group down before the interpreter exits: left to exit, gloo's threads can abort the
-    # process ("terminate called without an active exception", exit code -6) after a successful fit
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    from ddp_run import finish  # this folder is on sys.path when run as a script
+
+    finish(os.path.join(out_dir, f"rank{rank}.json"), result)
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    from ddp_run import _exit_now  # this folder is on sys.path when run as a script
-
-    _exit_now()  # no exit-time teardown: see ddp_run._exit_now
