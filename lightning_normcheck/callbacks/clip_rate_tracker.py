@@ -10,11 +10,13 @@ import torch
 from torch import Tensor
 
 from lightning_normcheck import norms as N
-from lightning_normcheck.callbacks._args import _check_choice, _check_float, _check_int
+from lightning_normcheck.callbacks._args import _check_choice, _check_float, _check_int, _check_type
 from lightning_normcheck.callbacks._base import _Monitor, _NormCheckBase, _Run
 from lightning_normcheck.diagnosis.records import ClipWindow, Record
 from lightning_normcheck.diagnosis.thresholds import Thresholds
 
+#: ``high_clip_rate``'s default: the clipping thresholds' own (``ClipThresholds().high_rate``).
+DEFAULT_HIGH_CLIP_RATE = 0.5
 #: The latest steps whose clip fraction says whether clipping still acts now (not only early in the window).
 RECENT_STEPS = 5
 
@@ -152,7 +154,7 @@ class ClipRateTracker(_NormCheckBase):
         clip_threshold: float | None = None,
         clip_algorithm: Literal["norm", "value"] | None = None,
         clip_window: int = 50,
-        high_clip_rate: float = 0.5,
+        high_clip_rate: float = DEFAULT_HIGH_CLIP_RATE,
         print_summary: bool = True,
         thresholds: Thresholds | None = None,
     ) -> None:
@@ -176,10 +178,11 @@ def _make_monitor(owner: str, clip_threshold: float | None, clip_algorithm: str 
 def with_clip_rate(owner: str, thresholds: Thresholds | None, high_clip_rate: float) -> Thresholds:
     """``thresholds`` with ``clipping.high_rate`` set from the ``high_clip_rate`` argument when that is not
     its default (the argument is the short way to set that one threshold)."""
+    _check_type(owner, "thresholds", thresholds, Thresholds)
     _check_float(owner, "high_clip_rate", high_clip_rate, low=0.0, high=1.0)
-    th = thresholds if isinstance(thresholds, Thresholds) else Thresholds()
-    if float(high_clip_rate) == 0.5 or thresholds is not None and not isinstance(thresholds, Thresholds):
-        return thresholds  # type: ignore[return-value]  # the default, or a bad value the base rejects by name
+    th = thresholds if thresholds is not None else Thresholds()
+    if float(high_clip_rate) == DEFAULT_HIGH_CLIP_RATE:
+        return th
     return dataclasses.replace(th, clipping=dataclasses.replace(th.clipping, high_rate=float(high_clip_rate)))
 
 

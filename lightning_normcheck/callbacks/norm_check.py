@@ -13,9 +13,9 @@ from lightning_normcheck.callbacks import (
     training_bug_detector,
     weight_drift_monitor,
 )
-from lightning_normcheck.callbacks._args import _check_bool, _check_float, _check_type
+from lightning_normcheck.callbacks._args import _check_bool, _check_float
 from lightning_normcheck.callbacks._base import _Monitor, _NormCheckBase
-from lightning_normcheck.diagnosis.thresholds import Thresholds
+from lightning_normcheck.diagnosis.thresholds import GradientThresholds, Thresholds
 
 
 class NormCheck(_NormCheckBase):
@@ -175,10 +175,9 @@ def _with_shortcuts(
     owner: str, thresholds: Thresholds | None, spike_factor: float, high_clip_rate: float
 ) -> Thresholds:
     """``thresholds`` with the two thresholds that have their own argument set from it when not the default."""
-    _check_type(owner, "thresholds", thresholds, Thresholds)
     _check_float(owner, "spike_factor", spike_factor, low=1.0)
-    th = clip_rate_tracker.with_clip_rate(owner, thresholds, high_clip_rate) or Thresholds()
-    if float(spike_factor) != 10.0:
+    th = clip_rate_tracker.with_clip_rate(owner, thresholds, high_clip_rate)
+    if float(spike_factor) != GradientThresholds().spike_factor:
         th = dataclasses.replace(th, gradients=dataclasses.replace(th.gradients, spike_factor=float(spike_factor)))
     return th
 
