@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_normcheck.callbacks import _emission
+from lightning_normcheck.callbacks import _clip_reuse, _emission
 from lightning_normcheck.callbacks._args import _check_bool, _check_choice, _check_int, _check_type
 from lightning_normcheck.callbacks._isolation import _Isolation, failure_message, rank_zero_warn
 from lightning_normcheck.callbacks._run import EARLY_STEPS, _Run, compiled_prefixes, in_prefixes
@@ -179,6 +179,7 @@ class _NormCheckBase(_Isolation, Callback):
         self._disabled: set[str] = set()
         self._removal_pending: list[_Monitor] = []
         self._run: _Run | None = None
+        self._clip_reuse: _clip_reuse._ClipReuse | None = None  # Lightning's clip by norm reusing our total
         self._pending_state: dict[str, Any] | None = None
         self._new_findings: list[Finding] = []
         self._findings.listeners.append(self._new_findings.append)
@@ -188,6 +189,7 @@ class _NormCheckBase(_Isolation, Callback):
         # can be pickled (ddp_spawn) and deep-copied
         state = dict(self.__dict__)
         state["_run"] = None
+        state["_clip_reuse"] = None
         state["_removal_pending"] = []
         return state
 
@@ -276,6 +278,14 @@ class _NormCheckBase(_Isolation, Callback):
         if self._pending_state is not None:
             self._load_monitor_state(self._pending_state)
             self._pending_state = None
+        # after setup: the clip tracker knows its threshold, the layout check may have switched monitors off
+        self._clip_reuse = _clip_reuse.install(run, {m.name for m in self._active()})
+
+    def _teardown_hooks(self) -> None:
+        super()._teardown_hooks()
+        reuse, self._clip_reuse = getattr(self, "_clip_reuse", None), None
+        if reuse is not None:
+            reuse.restore()
 
     def _check_layout(self, run: _Run) -> None:
         """Switch off, with one info line, the monitors that cannot be right for how the parameters are laid out

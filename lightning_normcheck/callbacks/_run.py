@@ -71,7 +71,18 @@ class _GradStats:
     (:meth:`_Run.stage_norms`); there is no total on the device then.
     """
 
-    __slots__ = ("params", "grads", "layers", "layer_index", "norms", "_total", "step", "route_index", "partial")
+    __slots__ = (
+        "params",
+        "grads",
+        "layers",
+        "layer_index",
+        "norms",
+        "_total",
+        "step",
+        "route_index",
+        "partial",
+        "versions",
+    )
 
     def __init__(
         self,
@@ -83,13 +94,24 @@ class _GradStats:
         plan: N.NormPlan | None = None,
         route_index: Tensor | None = None,
         num_routes: int = 1,
+        exact: bool = False,
     ) -> None:
         self.params = params
         self.grads = grads
         self.layers = layers  # layer index of each gradient (host list, built at setup)
         self.layer_index = layer_index
         self.step = step
-        self.norms = plan.norms(grads) if plan is not None else N.tensor_norms(grads)
+        # exact: measured as torch's clip_grad_norm_ measures, with each gradient's version counter, so that the
+        # clip of this step may reuse the total (:mod:`._clip_reuse`); None: not reusable
+        self.versions: tuple[int, ...] | None = None
+        norms = N.clip_norms(grads) if exact and route_index is None else None
+        if norms is not None:
+            self.versions = tuple(g._version for g in grads)
+        elif plan is not None:
+            norms = plan.norms(grads)
+        else:
+            norms = N.tensor_norms(grads)
+        self.norms = norms
         self.route_index = route_index
         self.partial: Tensor | None = None
         self._total: Tensor | None = None
@@ -150,6 +172,9 @@ class _Run:
         self._opt_plan: dict[int, N.NormPlan | None] = {}  # id(optimizer) -> fast gradient-norm plan (or None)
         self._sub_index: dict[tuple[int, tuple[int, ...]], tuple[list[int], Tensor, N.NormPlan | None]] = {}
         self._opt_routes: dict[tuple[int, tuple[int, ...]], Tensor] = {}  # sharded: the route of each gradient
+        #: measure gradients as torch's clip_grad_norm_ does (:func:`~lightning_normcheck.norms.clip_norms`), so
+        #: that Lightning's clip by norm can reuse the total; set by :mod:`._clip_reuse` when clipping by norm is on
+        self.exact_norms = False
 
     @property
     def pl_module(self) -> pl.LightningModule:
@@ -232,7 +257,8 @@ class _Run:
             self._opt_plan[key] = N.norm_plan(params)
         grads = [p.grad for p in params]
         if not any(g is None for g in grads):
-            stats = _GradStats(params, grads, layers, index, step, self._opt_plan[key])  # type: ignore[arg-type]
+            plan = self._opt_plan[key]
+            stats = _GradStats(params, grads, layers, index, step, plan, exact=self.exact_norms)  # type: ignore[arg-type]
         else:
             with_grad = tuple(i for i, g in enumerate(grads) if g is not None)  # frozen: grad is None
             sub_params = [params[i] for i in with_grad]
@@ -242,9 +268,20 @@ class _Run:
                 plan = N.NormPlan(sub_params) if self._opt_plan[key] is not None and sub_params else None
                 self._sub_index = {sub_key: (sub, torch.tensor(sub, dtype=torch.long), plan)}
             sub, sub_index, plan = self._sub_index[sub_key]
-            stats = _GradStats(sub_params, [grads[i] for i in with_grad], sub, sub_index, step, plan)  # type: ignore[misc]
+            sub_grads = [grads[i] for i in with_grad]
+            stats = _GradStats(sub_params, sub_grads, sub, sub_index, step, plan, exact=self.exact_norms)  # type: ignore[arg-type]
         self._grad_cache = {id(optimizer): stats}
         return stats
+
+    def current_grad_stats(self, optimizer: Any) -> _GradStats | None:
+        """The gradient norms measured for ``optimizer`` (or the optimizer a LightningOptimizer wraps) at this step,
+        if any."""
+        step = self.step
+        for opt in (optimizer, getattr(optimizer, "_optimizer", None)):
+            stats = self._grad_cache.get(id(opt)) if opt is not None else None
+            if stats is not None and stats.step == step:
+                return stats
+        return None
 
     def _sharded_grad_stats(self, optimizer: torch.optim.Optimizer) -> _GradStats:
         """:meth:`grad_stats` of sharded gradients: the norms of the local shards and their sums of squares per
