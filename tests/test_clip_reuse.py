@@ -14,8 +14,9 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import LitModel, MemLogger, fit, loader, mlp, regression_data
+from helpers import LitModel, MemLogger, fit, loader, mlp, regression_data, trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.plugins.precision import Precision
 from torch import nn
 
@@ -70,6 +71,7 @@ def compare(
     clip: float,
     steps: int = STEPS,
     reused: bool = True,
+    plugins: Callable[[], list[Any]] | None = None,
     **kw: Any,
 ) -> tuple[L.LightningModule, L.Trainer]:
     """Fit ``make()`` without and with NormCheck; assert identical weights, that clipping acted on most steps and
@@ -77,6 +79,8 @@ def compare(
     data = loader(regression_data(256), batch_size=16)
     torch.manual_seed(0)
     plain = make()
+    if plugins is not None:
+        kw["plugins"] = plugins()
     fit(plain, data, [], max_steps=steps, gradient_clip_val=clip, **kw)
     assert spy.clip_grad_norm == steps and spy.with_norm == 0
     clipped = sum(t > clip for t in spy.totals)
@@ -85,6 +89,8 @@ def compare(
     torch.manual_seed(0)
     model = make()
     cb = NormCheck(print_summary=False)
+    if plugins is not None:
+        kw["plugins"] = plugins()
     t = fit(model, data, [cb], max_steps=steps, gradient_clip_val=clip, **kw)
     assert cb.disabled_monitors == []
     if reused:
@@ -187,6 +193,13 @@ def test_bf16_mixed_is_identical(spy: Spy) -> None:
     compare(spy, lambda: LitModel(mlp(width=32), lr=0.05), clip=0.2, precision="bf16-mixed")
 
 
+def test_fp16_with_a_grad_scaler_is_identical(spy: Spy) -> None:
+    """Gradients unscaled by the GradScaler before the hooks; steps with non-finite gradients (skipped by the
+    scaler) are clipped alike too."""
+    fp16 = lambda: [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]  # noqa: E731
+    compare(spy, lambda: LitModel(mlp(width=32), lr=0.05), clip=0.2, plugins=fp16)
+
+
 class ScalesGradients(LitModel):
     """Its own ``on_before_optimizer_step`` (after every callback's) halves the gradients in place."""
 
@@ -198,6 +211,40 @@ class ScalesGradients(LitModel):
 
 def test_gradients_changed_after_the_measurement_fall_back(spy: Spy) -> None:
     compare(spy, lambda: ScalesGradients(mlp(width=32), lr=0.05), clip=0.1, reused=False)
+
+
+class ClipsByHand(LitModel):
+    """Clips by norm in its own ``configure_gradient_clipping`` (the Trainer has no ``gradient_clip_val``)."""
+
+    def __init__(self, by_value_first: bool = False) -> None:
+        super().__init__(mlp(width=32), lr=0.05)
+        self.by_value_first = by_value_first
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+    ) -> None:
+        if self.by_value_first:  # changes the gradients in place before the clip by norm
+            self.clip_gradients(optimizer, gradient_clip_val=0.05, gradient_clip_algorithm="value")
+        self.clip_gradients(optimizer, gradient_clip_val=0.2, gradient_clip_algorithm="norm")
+
+
+@pytest.mark.parametrize("by_value_first", [False, True])
+def test_a_clip_by_norm_in_configure_gradient_clipping(spy: Spy, by_value_first: bool) -> None:
+    """The first clip finds gradients measured NormCheck's usual way and is Lightning's; from the next step they
+    are measured as torch does and reused, unless a clip by value changed them in between."""
+    data = loader(regression_data(256), batch_size=16)
+    torch.manual_seed(0)
+    plain = ClipsByHand(by_value_first)
+    fit(plain, data, [], max_steps=STEPS)
+    assert spy.clip_grad_norm == STEPS and sum(t > 0.2 for t in spy.totals) >= 0.75 * STEPS
+    spy.reset()
+    torch.manual_seed(0)
+    model = ClipsByHand(by_value_first)
+    fit(model, data, [NormCheck(print_summary=False)], max_steps=STEPS)
+    expected = (STEPS, 0) if by_value_first else (1, STEPS - 1)
+    assert (spy.clip_grad_norm, spy.with_norm) == expected
+    a, b = state_of(plain), state_of(model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 class ManualClip(LitModel):
@@ -284,9 +331,7 @@ def test_the_plugin_is_restored_after_fit_and_after_an_exception() -> None:
 
     seen = Installed()
     L.seed_everything(0, verbose=False)
-    from helpers import trainer as make_trainer
-
-    t = make_trainer([NormCheck(print_summary=False), seen], max_steps=10, gradient_clip_val=0.3)
+    t = trainer([NormCheck(print_summary=False), seen], max_steps=10, gradient_clip_val=0.3)
     with pytest.raises(RuntimeError, match="boom"):
         t.fit(FailsAtStep3(mlp()), data)
     assert seen.seen == [True] * 4
