@@ -7,7 +7,8 @@ callback moves every staged tensor to the host in one transfer, each monitor tur
 records, :mod:`._emission` names them and sends one ``log_metrics`` call per logger per step (rank zero),
 and the diagnosis turns the records into findings. The pieces: :mod:`._args` (argument checks),
 :mod:`._run` (per-fit run state), :mod:`._emission`, :mod:`._isolation` (a failing monitor or rule family is
-reported once and switched off; training goes on).
+reported once and switched off; training goes on), :mod:`._clip_reuse` (Lightning's clip by norm with the total
+the monitors measured).
 """
 
 from __future__ import annotations

@@ -125,6 +125,8 @@ class ClipRateTracker(_NormCheckBase):
     loop. For ``"norm"`` a step counts as clipped when the total gradient norm exceeds the threshold;
     for ``"value"`` when any gradient entry does. The rate is over a sliding window of the last
     ``clip_window`` optimizer steps, kept on the device. Without a threshold the tracker measures nothing.
+    Lightning's clip by norm then uses the total measured here (bit for bit the one it would compute) instead
+    of computing it again.
 
     Args:
         log_every_n_steps: logging cadence in optimizer steps (default: the Trainer's).

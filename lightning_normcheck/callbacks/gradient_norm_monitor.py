@@ -218,7 +218,9 @@ class GradientNormMonitor(_NormCheckBase):
     ``normcheck/grad_norm/total`` equals ``torch.nn.utils.get_total_norm`` of the gradients the
     optimizer is about to use. Parameters whose ``grad`` is ``None`` (frozen) are skipped; tied
     weights count once. The total of each step stays on the device and reaches the loggers, at its
-    own step, at the next logging step (one host transfer for all of them).
+    own step, at the next logging step (one host transfer for all of them). When Lightning clips by norm
+    (``gradient_clip_val``), it clips with this total (bit for bit the one it would compute) instead of
+    computing it again.
 
     Args:
         log_every_n_steps: cadence of per-layer norms and of flushing, in optimizer steps; default the

@@ -30,6 +30,9 @@ class NormCheck(_NormCheckBase):
     call per logging step. Its findings are in :attr:`findings` (one per code and layer), printed as a
     table at the end of fit, sent to Python logging (logger ``lightning_normcheck``; not raised as
     ``warnings``), and written as text to TensorBoard. Works with automatic and manual optimization and with any Lightning logger (or none).
+    With ``Trainer(gradient_clip_val=...)`` clipping by norm, Lightning's clip uses the total gradient norm
+    NormCheck measured instead of computing it again (the same number to the last bit, so training is unchanged;
+    when the gradients changed after NormCheck saw them, Lightning computes it as usual).
 
     Args:
         log_every_n_steps: cadence of per-layer measurements, in optimizer steps (default: the
