@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import numbers
 import sys
 from collections.abc import Hashable
@@ -126,6 +127,21 @@ class _Monitor:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _lr_arg(pl_module: pl.LightningModule, optimizers: list[Any]) -> str | None:
+    """The model hyperparameter that set the first optimizer's learning rate (``lr``, ``learning_rate``...):
+    a LightningCLI user changes it with ``--model.<name>=...``; ``None`` when no hyperparameter matches."""
+    try:
+        lr = float(optimizers[0].param_groups[0]["lr"])
+        hparams = dict(getattr(pl_module, "hparams", {}) or {})
+    except Exception:  # noqa: BLE001 - a convenience
+        return None
+    for name in ("lr", "learning_rate", "base_lr", "max_lr"):
+        value = hparams.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isclose(float(value), lr):
+            return name
+    return None
 
 
 class _NormCheckBase(_Isolation, Callback):
@@ -320,6 +336,7 @@ class _NormCheckBase(_Isolation, Callback):
             amp_scaler=getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None,
             clip_val=float(trainer.gradient_clip_val) if trainer.gradient_clip_val else None,
             clip_algorithm=str(getattr(algo, "value", algo) or "norm"),
+            lr_arg=_lr_arg(pl_module, trainer.optimizers),
         )
         for m in self._active():
             try:
