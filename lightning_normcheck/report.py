@@ -204,6 +204,8 @@ class Report:
                 out[code] = "no act_rms scalars were logged (no activation monitor)"
             elif not modules:
                 out[code] = "no run description with the module list (kinds, forward order)"
+        if "grad_norm" in fam and not self.readback.run.layers and not modules and self.source == "csv":
+            out["vanishing_gradients"] = "the layers' order is unknown without a run description"
         if "grad_norm" not in fam:
             for code in ("exploding_gradients", "vanishing_gradients", "gradient_spikes"):
                 out[code] = "no gradient norms were logged (no gradient monitor)"
@@ -270,7 +272,7 @@ def build(logdir: str, rederive_findings: bool = False) -> Report:
     if os.path.exists(run_file):
         with open(run_file, encoding="utf-8") as fh:
             description = json.load(fh)
-    rb = read_back(rows, description)
+    rb = read_back(rows, description, key_order=source != "csv")
     findings = None if rederive_findings else load_findings(run_dir)
     rederived = findings is None
     if findings is None:

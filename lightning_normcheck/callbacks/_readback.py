@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,9 +131,18 @@ def _ordered(names: Iterable[str], order: Iterable[str]) -> list[str]:
     return known + [n for n in names if n not in set(known)]
 
 
-def read_back(rows: dict[int, dict[str, float]], description: dict[str, Any] | None) -> ReadBack:
-    """Rebuild the records of every logging step from ``rows`` (``{step: {key: value}}``, the keys as logged,
-    in the order a logger kept them) and the run description (``None``: none was found)."""
+def natural(name: str) -> list[Any]:
+    """A sort key that puts ``net.2`` before ``net.10``."""
+    return [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", name)]
+
+
+def read_back(
+    rows: dict[int, dict[str, float]], description: dict[str, Any] | None, key_order: bool = True
+) -> ReadBack:
+    """Rebuild the records of every logging step from ``rows`` (``{step: {key: value}}``) and the run description
+    (``None``: none was found). ``key_order``: the logger kept the keys in the order they were written (TensorBoard
+    does, a CSV file's sorted columns do not); without a description and without it, the layers' order is unknown
+    and the gradient depth trends are not judged."""
     d = description or {}
     out = ReadBack(run=run_info(d), init=init_stats(d))
     by_step: dict[int, dict[str, dict[str, float]]] = {}
@@ -171,10 +181,15 @@ def read_back(rows: dict[int, dict[str, float]], description: dict[str, Any] | N
         )
     elif modules and d.get("module_order") != "forward":
         out.notes.append("the description has the modules in registration order only (no sampled step was logged)")
-    if "grad_norm" in out.families and not out.run.layers and not modules:
+    layer_order: list[str] = list(out.run.layers) or module_order
+    depth = bool(layer_order) or key_order
+    if "grad_norm" in out.families and not layer_order:
         out.notes.append(
             "the layers' order is unknown (metric names do not keep it): gradient depth trends are judged in the"
             " order the logger kept the keys"
+            if key_order
+            else "the layers' order is unknown (metric names do not keep it, nor do the file's sorted columns):"
+            " the gradient depth trends (vanishing_gradients, exploding_gradients over depth) are not re-derived"
         )
     clip = d.get("clip") or {}
     norm_type = float(d.get("norm_type", 2.0))
@@ -190,9 +205,13 @@ def read_back(rows: dict[int, dict[str, float]], description: dict[str, Any] | N
         fam = by_step.get(s, {})
         grads = {k: v for k, v in fam.get("grad_norm", {}).items()}
         if grads:
-            layers = _ordered(grads, out.run.layers)
+            layers = _ordered(grads if depth else sorted(grads, key=natural), layer_order)
             params = tuple(fam.get("grad_norm_param", {}).items())
-            recs.append(GradientLayers(s, 0, tuple(layers), tuple(grads[n] for n in layers), params))
+            record = GradientLayers(s, 0, tuple(layers), tuple(grads[n] for n in layers), params)
+            if depth:
+                recs.append(record)
+            else:
+                out.pictures.append(record)
         rms = {k: v for k, v in fam.get("act_rms", {}).items() if k != INPUT_LABEL}
         if rms:
             samples += 1
@@ -206,7 +225,7 @@ def read_back(rows: dict[int, dict[str, float]], description: dict[str, Any] | N
                     dead_batch=dead.get(n),
                     saturated=sat.get(n) if kinds.get(n) == "bounded" else None,
                 )
-                for n in _ordered(rms, module_order)
+                for n in _ordered(rms if key_order else sorted(rms, key=natural), module_order)
             )
             input_rms = fam["act_rms"].get(INPUT_LABEL)
             recs.append(ActivationSample(s, stats, input_rms, min(samples, window), window))
@@ -258,4 +277,4 @@ def _weights(step: int, fam: dict[str, dict[str, float]]) -> list[Record]:
     return out
 
 
-__all__ = ["FAMILIES", "ReadBack", "init_stats", "parse_key", "read_back", "run_info"]
+__all__ = ["FAMILIES", "ReadBack", "init_stats", "natural", "parse_key", "read_back", "run_info"]
