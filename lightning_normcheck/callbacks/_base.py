@@ -121,6 +121,11 @@ class _Monitor:
         """Training raised: add what this monitor knows to the error record."""
         return error
 
+    def describe(self) -> dict[str, Any]:
+        """At the start of fit: what this monitor adds to the run description (:func:`._emission.publish_run`)
+        that its logged scalars lose, as JSON-ready values."""
+        return {}
+
     def remove_hooks(self) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
@@ -260,7 +265,6 @@ class _NormCheckBase(_Isolation, Callback):
     # the run description (for the report) -------------------------------------------------------------------
     def _publish_run(self, run: _Run, info: RunInfo, init: InitStats | None) -> None:
         """What the rules need and the logged scalars lose, once per fit, to every logger (rank zero)."""
-        modules: list[dict[str, str]] = []
         description: dict[str, Any] = {
             "version": _emission.RUN_VERSION,
             "run": dataclasses.asdict(info),
@@ -270,16 +274,10 @@ class _NormCheckBase(_Isolation, Callback):
             "monitors": sorted(m.name for m in self._active()),
         }
         for m in self._active():
-            if m.name == "activation_norm":
-                for name, module in getattr(m, "modules", {}).items():
-                    modules.append({"name": name, "type": type(module).__name__, "kind": m.kinds.get(name, "")})
-                description["modules"] = modules
-                description["module_order"] = "registration"
-                description["activation_window"] = m.window
-            elif m.name == "clip_rate" and getattr(m, "threshold", None) is not None:
-                description["clip"] = {"threshold": m.threshold, "algorithm": m.algorithm, "window": m.window}
-            elif m.name == "gradient_norm":
-                description["norm_type"] = m.norm_type
+            try:
+                description.update(m.describe())
+            except Exception:  # noqa: BLE001 - the description is a convenience
+                pass
         self._run_description = description
         fit = (id(run.trainer), run.step)
         self._run_fit = fit

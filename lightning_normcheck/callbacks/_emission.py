@@ -367,6 +367,17 @@ def _to_wandb(logger: Any, findings: Sequence[Finding], step: int) -> None:
     run.summary[FINDINGS_KEY] = table
 
 
+def _give_up(logger: Any, sent: _Sent, err: Exception) -> None:
+    """A logger that failed to take the findings or the run description: warned about once, then skipped."""
+    sent.failed = True
+    rank_zero_warn(
+        f"lightning_normcheck: could not write the findings to {type(logger).__name__} ({err!r}); it is"
+        " skipped from now on. The findings are still in `callback.findings`, the other loggers and the"
+        " end-of-fit summary.",
+        category=RuntimeWarning,
+    )
+
+
 def publish_findings(loggers: Sequence[Any], findings: Sequence[Finding], step: int) -> None:
     """Every finding so far to each logger's own place for text (the table in the module docstring).
 
@@ -396,13 +407,7 @@ def publish_findings(loggers: Sequence[Any], findings: Sequence[Finding], step: 
                     report = report or findings_report(findings)
                     _to_dir(logger, log_dir, report, records)
         except Exception as err:  # noqa: BLE001 - a logger that cannot take the findings must not stop training
-            sent.failed = True
-            rank_zero_warn(
-                f"lightning_normcheck: could not write the findings to {type(logger).__name__} ({err!r}); it is"
-                " skipped from now on. The findings are still in `callback.findings`, the other loggers and the"
-                " end-of-fit summary.",
-                category=RuntimeWarning,
-            )
+            _give_up(logger, sent, err)
         else:
             sent.state = state
 
@@ -448,8 +453,8 @@ def parse_run_text(text: str) -> dict[str, Any]:
 def publish_run(loggers: Sequence[Any], description: dict[str, Any], step: int, fit: Hashable = None) -> None:
     """The run description to each logger (rank zero): ``normcheck_run.json`` in a local ``log_dir`` and the
     TensorBoard text ``normcheck/run``. Called at the start of fit and again when the forward order is first seen;
-    the descriptions of one ``fit`` from several callbacks merge. A logger that fails is skipped silently: the
-    description only helps a later report, which says what it could not re-derive without it."""
+    the descriptions of one ``fit`` from several callbacks merge. A logger that fails is warned about once and
+    skipped from then on, for the findings too (they go to the same place)."""
     for logger in loggers:
         try:
             sent = _RUN_SENT.setdefault(logger, _RunSent())
@@ -458,7 +463,7 @@ def publish_run(loggers: Sequence[Any], description: dict[str, Any], step: int, 
         if sent.fit != fit:
             sent.fit, sent.description = fit, {}
         merged = merge_descriptions(sent.description, description)
-        if merged == sent.description:
+        if merged == sent.description or _sent(logger).failed:
             continue
         sent.description = merged
         kinds = _kinds(logger)
@@ -472,8 +477,8 @@ def publish_run(loggers: Sequence[Any], description: dict[str, Any], step: int, 
                 _ = logger.experiment  # the logger makes its own directory first
                 os.makedirs(log_dir, exist_ok=True)
                 _write(os.path.join(log_dir, RUN_FILE), json.dumps(_jsonable(merged), indent=1, sort_keys=True) + "\n")
-        except Exception:  # noqa: BLE001 - a convenience for the report: never a reason for a monitor to fail
-            pass
+        except Exception as err:  # noqa: BLE001 - it goes where the findings go: that logger is skipped from now on
+            _give_up(logger, _sent(logger), err)
 
 
 __all__ = [

@@ -11,7 +11,8 @@ cadence. Without it the records are rebuilt as far as the scalars allow and :att
 is missing.
 
 Example:
-    >>> rows = {0: {"normcheck/grad_norm/total": 2.0, "normcheck/grad_norm/fc": 2.0}, 1: {"normcheck/grad_norm/total": 3.0}}
+    >>> from lightning_normcheck.callbacks._emission import metric_rows
+    >>> rows = metric_rows([GradientTotals((0, 1), (2.0, 3.0), (0, 0)), GradientLayers(0, 0, ("fc",), (2.0,))], 0)
     >>> rb = read_back(rows, {"run": {"layers": ["fc"]}, "log_every_n_steps": 5, "early_steps": 0})
     >>> [(s, [type(r).__name__ for r in recs]) for s, recs in rb.flushes]
     [(0, ['GradientTotals', 'GradientLayers']), (1, ['GradientTotals'])]
