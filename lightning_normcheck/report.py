@@ -209,8 +209,12 @@ class Report:
         if "grad_norm" not in fam:
             for code in ("exploding_gradients", "vanishing_gradients", "gradient_spikes"):
                 out[code] = "no gradient norms were logged (no gradient monitor)"
-        if "clip" not in fam and not self.readback.run.clip_val:
-            out["high_clip_rate"] = "no clip rate was logged and no gradient_clip_val is known"
+        if not (self.description or {}).get("clip") and not self.readback.run.clip_val:
+            out["high_clip_rate"] = (
+                "no run description with the clip threshold"
+                if "clip" in fam
+                else "no clip rate was logged and no gradient_clip_val is known"
+            )
         if "weight_drift" in fam:
             out["weight_norm_growth"] = "the start-of-fit weight norms of the reference copy are not logged"
         elif "weight_norm" not in fam:

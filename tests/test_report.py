@@ -32,9 +32,16 @@ PNG = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _fit(save_dir: Path, logger_cls: type, model: L.LightningModule, data: Any, **kw: Any) -> tuple[Any, Any, Any]:
+def _fit(
+    save_dir: Path,
+    logger_cls: type,
+    model: L.LightningModule,
+    data: Any,
+    normcheck: dict[str, Any] | None = None,
+    **kw: Any,
+) -> tuple[Any, Any, Any]:
     L.seed_everything(0, verbose=False)
-    cb, rec = NormCheck(print_summary=False), LossRecorder()
+    cb, rec = NormCheck(print_summary=False, **(normcheck or {})), LossRecorder()
     logger = logger_cls(str(save_dir))
     trainer([cb, rec], max_steps=40, logger=logger, log_every_n_steps=5, **kw).fit(model, data)
     return cb, rec, logger.log_dir
@@ -66,11 +73,11 @@ def tb_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def csv_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """12 sigmoid layers at SGD lr 0.1 (gradients vanish with depth, sigmoid units saturate) on data with one
-    corrupted label (a gradient spike), logged to CSV."""
+    """12 sigmoid layers at SGD lr 0.1 (gradients vanish with depth, sigmoid units saturate, late layers' weights
+    grow) on data with one corrupted label (a gradient spike), logged to CSV; no reference copy of the weights."""
     root = tmp_path_factory.mktemp("csv")
     model = _lit(init_mlp(12, act=nn.Sigmoid), lr=0.1)
-    cb, rec, log_dir = _fit(root, CSVLogger, model, data_fault("corrupted"))
+    cb, rec, log_dir = _fit(root, CSVLogger, model, data_fault("corrupted"), {"track_drift": False})
     kept = root / "with_files"
     shutil.copytree(log_dir, kept)
     _drop_findings_files(log_dir)
@@ -94,14 +101,29 @@ def test_tensorboard_run_rederives_the_callback_findings(tb_run: dict[str, Any])
     assert "weight_norm_growth" in report.not_rederived  # NormCheck keeps a reference copy: start norms not logged
 
 
+def test_tensorboard_text_stands_in_for_the_description_file(tb_run: dict[str, Any], tmp_path: Path) -> None:
+    """A TensorBoard-only log directory (no normcheck_run.json) has the description as text ``normcheck/run``."""
+    copy = tmp_path / "tb_only"
+    shutil.copytree(tb_run["log_dir"], copy, ignore=shutil.ignore_patterns("normcheck_report", "*.json"))
+    report = build(str(copy))
+    codes = _rederivable(report)
+    assert {"exploding_activations", "high_clip_rate"} <= codes and report.description
+    assert _key(report.findings, codes) == _key(tb_run["cb"].findings, codes)
+
+
 def test_csv_run_rederives_the_callback_findings(csv_run: dict[str, Any]) -> None:
     report = build(csv_run["log_dir"])
     assert report.source == "csv" and report.rederived
     live = csv_run["cb"].findings
-    assert {"vanishing_gradients", "gradient_spikes", "saturated_activations", "exploding_activations"} <= {
-        f.code for f in live if f.severity in ("warning", "error")
-    }
+    assert {
+        "vanishing_gradients",
+        "gradient_spikes",
+        "saturated_activations",
+        "exploding_activations",
+        "weight_norm_growth",
+    } <= {f.code for f in live if f.severity in ("warning", "error")}
     codes = _rederivable(report)
+    assert "weight_norm_growth" in codes  # no reference copy: the live rule took the first samples too
     assert _key(report.findings, codes) == _key(live, codes)
     # the spike finding's details come from the same rule: its steps and factors too
     ours, theirs = (next(f for f in fs if f.code == "gradient_spikes") for fs in (report.findings, live))
