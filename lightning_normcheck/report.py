@@ -96,7 +96,9 @@ def _has_data(path: str) -> bool:
 
 
 def _newest(path: str) -> float:
-    return max((os.path.getmtime(os.path.join(path, n)) for n in os.listdir(path)), default=0.0)
+    """When the run's own files last changed (a report written into it later does not count)."""
+    files = [os.path.join(path, n) for n in os.listdir(path)]
+    return max((os.path.getmtime(f) for f in files if os.path.isfile(f)), default=0.0)
 
 
 def find_run_dir(logdir: str) -> str | None:
