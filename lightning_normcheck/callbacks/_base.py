@@ -12,6 +12,7 @@ reported once and switched off; training goes on).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -31,7 +32,7 @@ from lightning_normcheck.callbacks._isolation import _Isolation, failure_message
 from lightning_normcheck.callbacks._run import EARLY_STEPS, _Run, compiled_prefixes, in_prefixes
 from lightning_normcheck.diagnosis.engine import Diagnosis, Rules
 from lightning_normcheck.diagnosis.findings import Finding
-from lightning_normcheck.diagnosis.records import Record, RunInfo, TrainingError
+from lightning_normcheck.diagnosis.records import ActivationSample, InitStats, Record, RunInfo, TrainingError
 from lightning_normcheck.diagnosis.registry import SEVERITIES
 from lightning_normcheck.diagnosis.thresholds import Thresholds
 
@@ -120,6 +121,11 @@ class _Monitor:
     def on_exception(self, run: _Run, error: TrainingError) -> TrainingError:
         """Training raised: add what this monitor knows to the error record."""
         return error
+
+    def describe(self) -> dict[str, Any]:
+        """At the start of fit: what this monitor adds to the run description (:func:`._emission.publish_run`)
+        that its logged scalars lose, as JSON-ready values."""
+        return {}
 
     def remove_hooks(self) -> None: ...
 
@@ -252,6 +258,7 @@ class _NormCheckBase(_Isolation, Callback):
             except Exception as err:  # noqa: BLE001 - a broken logger must not stop diagnosis
                 rank_zero_warn(f"lightning_normcheck: logging metrics failed: {err!r}", category=RuntimeWarning)
         self._observe(step, records)
+        self._publish_forward_order(step, records)
         self._publish_new_findings(step)
 
     def _publish_new_findings(self, step: int, final: bool = False) -> None:
@@ -270,6 +277,51 @@ class _NormCheckBase(_Isolation, Callback):
             rank_zero_warn(f"lightning_normcheck: publishing the findings failed: {err!r}", category=RuntimeWarning)
         # Findings reach Python logging (logger "lightning_normcheck") when recorded; they are not raised as
         # `warnings` too: that printed each one twice, and `-W error` would turn a finding into a crash.
+
+    # the run description (for the report) -------------------------------------------------------------------
+    def _publish_run(self, run: _Run, info: RunInfo, init: InitStats | None) -> None:
+        """What the rules need and the logged scalars lose, once per fit, to every logger (rank zero)."""
+        description: dict[str, Any] = {
+            "version": _emission.RUN_VERSION,
+            "run": dataclasses.asdict(info),
+            "init": [dataclasses.asdict(s) for s in init.layers] if init is not None else None,
+            "log_every_n_steps": run.every,
+            "early_steps": EARLY_STEPS,
+            "monitors": sorted(m.name for m in self._active()),
+        }
+        for m in self._active():
+            try:
+                description.update(m.describe())
+            except Exception:  # noqa: BLE001 - the description is a convenience
+                pass
+        self._run_description = description
+        fit = (id(run.trainer), run.step)
+        self._run_fit = fit
+        _emission.publish_run(run.trainer.loggers, description, run.step, fit)
+
+    def _publish_forward_order(self, step: int, records: list[Record]) -> None:
+        """The first activation sample shows the modules' forward order (registration order may differ): the
+        description is published again with it, once per fit."""
+        run, description = self._run, getattr(self, "_run_description", None)
+        if (
+            run is None
+            or not run.is_global_zero
+            or not description
+            or description.get("module_order") != "registration"
+        ):
+            return
+        sample = next((r for r in records if isinstance(r, ActivationSample)), None)
+        if sample is None:
+            return
+        try:
+            seen = {n: i for i, n in enumerate(sample.order)}
+            modules = description.get("modules", [])
+            ordered = sorted(modules, key=lambda d: (seen.get(d["name"], len(seen)), modules.index(d)))
+            description = {**description, "modules": ordered, "module_order": "forward"}
+            self._run_description = description
+            _emission.publish_run(run.trainer.loggers, description, step, getattr(self, "_run_fit", None))
+        except Exception:  # noqa: BLE001 - a convenience for the report: never a reason for a monitor to fail
+            pass
 
     # Lightning hooks ---------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -345,6 +397,11 @@ class _NormCheckBase(_Isolation, Callback):
                 self._disable(m, err)
         init = next((r for r in (getattr(m, "init_stats", None) for m in self._active()) if r is not None), None)
         self._diagnosis.start(info, init)
+        if run.is_global_zero:
+            try:
+                self._publish_run(run, info, init)
+            except Exception:  # noqa: BLE001 - a convenience for the report: never a reason for a monitor to fail
+                pass
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

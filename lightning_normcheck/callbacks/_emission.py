@@ -35,6 +35,11 @@ Logger                            Place
 ``WandbLogger``                   a ``wandb.Table`` logged under ``normcheck/findings``, also in the run summary
 ================================  ================================================================================
 
+What the scalars cannot say (the layers' forward order, each hooked module's kind, the clip threshold, the
+cadence) goes once per fit to each logger with a local ``log_dir`` as ``normcheck_run.json`` and to TensorBoard
+as text ``normcheck/run`` (:func:`publish_run`), so the ``lightning-normcheck report`` command can rebuild the
+records from the logged scalars (:mod:`._readback`) and run the same rules.
+
 Example:
     >>> from lightning_normcheck.diagnosis.records import GradientTotals, GradientLayers
     >>> rows = metric_rows([GradientTotals((4, 5), (2.0, 3.0), (0, 0)), GradientLayers(5, 0, ("fc",), (3.0,))], 5)
@@ -49,7 +54,7 @@ import math
 import numbers
 import os
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import singledispatch
 from typing import Any
@@ -362,6 +367,17 @@ def _to_wandb(logger: Any, findings: Sequence[Finding], step: int) -> None:
     run.summary[FINDINGS_KEY] = table
 
 
+def _give_up(logger: Any, sent: _Sent, err: Exception) -> None:
+    """A logger that failed to take the findings or the run description: warned about once, then skipped."""
+    sent.failed = True
+    rank_zero_warn(
+        f"lightning_normcheck: could not write the findings to {type(logger).__name__} ({err!r}); it is"
+        " skipped from now on. The findings are still in `callback.findings`, the other loggers and the"
+        " end-of-fit summary.",
+        category=RuntimeWarning,
+    )
+
+
 def publish_findings(loggers: Sequence[Any], findings: Sequence[Finding], step: int) -> None:
     """Every finding so far to each logger's own place for text (the table in the module docstring).
 
@@ -391,20 +407,85 @@ def publish_findings(loggers: Sequence[Any], findings: Sequence[Finding], step: 
                     report = report or findings_report(findings)
                     _to_dir(logger, log_dir, report, records)
         except Exception as err:  # noqa: BLE001 - a logger that cannot take the findings must not stop training
-            sent.failed = True
-            rank_zero_warn(
-                f"lightning_normcheck: could not write the findings to {type(logger).__name__} ({err!r}); it is"
-                " skipped from now on. The findings are still in `callback.findings`, the other loggers and the"
-                " end-of-fit summary.",
-                category=RuntimeWarning,
-            )
+            _give_up(logger, sent, err)
         else:
             sent.state = state
+
+
+# the run description -> each logger's own place ----------------------------------------------------------------
+RUN_KEY = "normcheck/run"
+RUN_FILE = "normcheck_run.json"
+RUN_VERSION = 1
+
+
+@dataclass
+class _RunSent:
+    """The description one logger already has for the fit ``fit`` (several callbacks of one Trainer merge)."""
+
+    fit: Hashable = None
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+_RUN_SENT: weakref.WeakKeyDictionary[Any, _RunSent] = weakref.WeakKeyDictionary()
+
+
+def merge_descriptions(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Two callbacks' descriptions of one fit: what either knows (a monitor only one of them has), the later
+    one's values where both know something; the monitors of both."""
+    merged = dict(old)
+    merged.update({k: v for k, v in new.items() if v not in (None, [], {}, "")})
+    merged["monitors"] = sorted(set(old.get("monitors", [])) | set(new.get("monitors", [])))
+    return merged
+
+
+def run_text(description: dict[str, Any]) -> str:
+    """The description as TensorBoard text: JSON in a code block (readable there, parsed back by the report)."""
+    return "```json\n" + json.dumps(_jsonable(description), indent=1, sort_keys=True) + "\n```"
+
+
+def parse_run_text(text: str) -> dict[str, Any]:
+    """The inverse of :func:`run_text`."""
+    body = text.strip().removeprefix("```json").removesuffix("```")
+    loaded = json.loads(body)
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def publish_run(loggers: Sequence[Any], description: dict[str, Any], step: int, fit: Hashable = None) -> None:
+    """The run description to each logger (rank zero): ``normcheck_run.json`` in a local ``log_dir`` and the
+    TensorBoard text ``normcheck/run``. Called at the start of fit and again when the forward order is first seen;
+    the descriptions of one ``fit`` from several callbacks merge. A logger that fails is warned about once and
+    skipped from then on, for the findings too (they go to the same place)."""
+    for logger in loggers:
+        try:
+            sent = _RUN_SENT.setdefault(logger, _RunSent())
+        except TypeError:
+            sent = _RunSent()
+        if sent.fit != fit:
+            sent.fit, sent.description = fit, {}
+        merged = merge_descriptions(sent.description, description)
+        if merged == sent.description or _sent(logger).failed:
+            continue
+        sent.description = merged
+        kinds = _kinds(logger)
+        try:
+            if kinds & {"MLFlowLogger", "WandbLogger"}:
+                continue
+            if "TensorBoardLogger" in kinds:
+                logger.experiment.add_text(RUN_KEY, run_text(merged), global_step=step)
+            log_dir = getattr(logger, "log_dir", None)
+            if isinstance(log_dir, str) and "://" not in log_dir:
+                _ = logger.experiment  # the logger makes its own directory first
+                os.makedirs(log_dir, exist_ok=True)
+                _write(os.path.join(log_dir, RUN_FILE), json.dumps(_jsonable(merged), indent=1, sort_keys=True) + "\n")
+        except Exception as err:  # noqa: BLE001 - it goes where the findings go: that logger is skipped from now on
+            _give_up(logger, _sent(logger), err)
 
 
 __all__ = [
     "FINDINGS_KEY",
     "HEADLINE_KEYS",
+    "RUN_FILE",
+    "RUN_KEY",
     "SUMMARY_KEY",
     "TOTAL_KEY",
     "findings_details",
@@ -414,7 +495,11 @@ __all__ = [
     "findings_text",
     "log_rows",
     "merge_findings",
+    "merge_descriptions",
     "metric_rows",
+    "parse_run_text",
     "publish_findings",
+    "publish_run",
+    "run_text",
     "worst_first",
 ]
