@@ -263,3 +263,31 @@ def test_failures_warn_once_and_training_goes_on(tmp_path: Path, monkeypatch: py
     assert len(ours) == 1 and "no display" in str(ours[0].message)
     assert not (Path(good2.log_dir) / _emission.PROFILE_DIR).exists()
     assert (Path(good2.log_dir) / "findings.json").exists() and cb2.profiles()
+
+
+def test_a_crashed_run_keeps_its_pictures(tmp_path: Path) -> None:
+    class Crashes(LitModel):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if self.trainer.global_step == 6:
+                raise RuntimeError("data loader died")
+            return super().training_step(batch, batch_idx)
+
+    cb, logger = NormCheck(print_summary=False), CSVLogger(tmp_path, name="csv")
+    with pytest.raises(RuntimeError, match="data loader died"):
+        fit(Crashes(mlp()), loader(regression_data()), [cb], max_steps=20, logger=logger)
+    assert cb.profiles()[0].steps[-1] == 5  # the latest sampled step before the crash (dense start, every 5)
+    for kind in profiles.KINDS:
+        check_png((Path(logger.log_dir) / _emission.PROFILE_DIR / f"{kind}.png").read_bytes())
+
+
+def test_two_callbacks_draw_each_kind_once(tmp_path: Path) -> None:
+    """NormCheck and an ActivationNormMonitor both have activation profiles: the one listed first draws them."""
+    from lightning_normcheck import ActivationNormMonitor
+
+    a, b = NormCheck(print_summary=False), ActivationNormMonitor(print_summary=False)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(LitModel(mlp()), loader(regression_data()), [a, b], max_steps=8, logger=logger)
+    assert [p.kind for p in b.profiles()] == ["act_rms"]
+    ea = events(logger.log_dir)
+    assert sorted(ea.Tags()["images"]) == sorted(f"{_emission.PROFILE_KEY}/{kind}" for kind in profiles.KINDS)
+    assert [im.step for im in ea.Images(f"{_emission.PROFILE_KEY}/act_rms")] == [7]
