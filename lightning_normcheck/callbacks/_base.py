@@ -223,9 +223,12 @@ class _NormCheckBase(_Isolation, Callback):
 
     def profiles(self) -> list[_profiles.Profile]:
         """The depth profiles of this fit so far (:mod:`lightning_normcheck.profiles`; ``[]`` with
-        ``depth_profiles=False`` and on ranks other than zero), each layer named in a warning or error finding
-        marked. ``lightning_normcheck.profiles.figure(p)`` draws one."""
-        return self._book.profiles(self.findings) if self._book is not None else []
+        ``depth_profiles=False`` and on ranks other than zero), each layer named in a warning or error finding (of
+        any lightning_normcheck callback of the Trainer) marked. ``lightning_normcheck.profiles.figure(p)`` draws
+        one."""
+        if self._book is None:
+            return []
+        return self._book.profiles(self._ours_findings(self._run) if self._run is not None else self.findings)
 
     def summary(self) -> str:
         """The findings as a short story: a table with one row per code (worst first, the layers it covers, its
