@@ -110,6 +110,11 @@ class ProfileBook:
     def __len__(self) -> int:
         return sum(len(h) for h in self._history.values())
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds that have values, in the order of :data:`KINDS`."""
+        return tuple(k for k in KINDS if self._history[k])
+
     def profiles(self, findings: Sequence[Finding] = ()) -> list[Profile]:
         """One :class:`Profile` per kind that has values: the first, a middle and the latest sampled step."""
         named = {f.layer for f in findings if f.layer and f.severity != "info"}
@@ -175,11 +180,33 @@ def figure(profile: Profile) -> Any:
     return fig
 
 
-def png(profile: Profile) -> bytes:
-    """The profile drawn as PNG bytes (needs matplotlib)."""
+def pixels(profile: Profile) -> Any:
+    """The profile drawn once: an RGBA ``uint8`` numpy array of shape ``(height, width, 4)`` (needs matplotlib).
+
+    Draw once, then hand the pixels to every logger (and :func:`encode_png` them for files): a second drawing
+    of the same figure costs as much as the first (about 0.1-0.4 s, see :func:`figure`).
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure(profile))
+    canvas.draw()
+    return np.array(canvas.buffer_rgba())  # a copy: the canvas's buffer goes with the figure
+
+
+def encode_png(image: Any) -> bytes:
+    """PNG bytes of an RGBA (or RGB) ``uint8`` array such as :func:`pixels` returns (matplotlib's PNG writer, the
+    one ``savefig`` uses)."""
+    from matplotlib.image import imsave
+
     buf = io.BytesIO()
-    figure(profile).savefig(buf, format="png")
+    imsave(buf, image, format="png")
     return buf.getvalue()
 
 
-__all__ = ["KINDS", "Profile", "ProfileBook", "available", "figure", "png"]
+def png(profile: Profile) -> bytes:
+    """The profile drawn as PNG bytes (needs matplotlib)."""
+    return encode_png(pixels(profile))
+
+
+__all__ = ["KINDS", "Profile", "ProfileBook", "available", "encode_png", "figure", "pixels", "png"]
