@@ -191,7 +191,7 @@ def test_clipping_is_described() -> None:
     r = make(RunInfo(clip_val=None))
     feed(r, flat(30, {20: 100.0}))
     f = r.log.get("gradient_spikes")
-    assert f is not None and "Nothing clips the gradients: clip them, gradient_clip_val=1.0" in f.message
+    assert f is not None and "Nothing clips the gradients: clip gradients (gradient_clip_val=1.0)" in f.message
 
 
 def test_one_finding_revised_over_flushes() -> None:

@@ -17,8 +17,11 @@ Key                                            Record
 ``normcheck/weight_drift/<layer>``             :class:`WeightSample`
 ``normcheck/update_ratio/<layer>``             :class:`UpdateSample`
 ``normcheck/clip/rate``, ``clip/mean_excess``  :class:`ClipWindow`
+``normcheck/clip/threshold``                   :class:`ClipWindow` (the clip value)
 ``normcheck/input/max_abs/<tensor>``           :class:`BatchSample`
 ``normcheck/target/median_abs/<tensor>``       :class:`BatchSample`
+``normcheck/findings/<severity>``              the findings so far of each severity (``info``, ``warning``,
+                                               ``error``), at each logging step (:func:`finding_counts`)
 =============================================  ====================================================
 
 Findings go to each logger's own place for text (:func:`publish_findings`):
@@ -35,6 +38,26 @@ Logger                            Place
 ``WandbLogger``                   a ``wandb.Table`` logged under ``normcheck/findings``, also in the run summary
 ================================  ================================================================================
 
+What the scalars cannot say (the layers' forward order, each hooked module's kind, the clip threshold, the
+cadence) goes once per fit to each logger with a local ``log_dir`` as ``normcheck_run.json`` and to TensorBoard
+as text ``normcheck/run`` (:func:`publish_run`), so the ``lightning-normcheck report`` command can rebuild the
+records from the logged scalars (:mod:`._readback`) and run the same rules.
+
+Depth profiles (:mod:`lightning_normcheck.profiles`: one picture per kind, ``<kind>`` one of ``grad_norm``,
+``act_rms``, ``weight_norm``, ``update_ratio``) go to each logger's own place for images
+(:func:`publish_profiles`):
+
+================================  ================================================================================
+Logger                            Place
+================================  ================================================================================
+``TensorBoardLogger``             image ``normcheck/profile/<kind>`` at the step drawn (the IMAGES tab); the files
+                                  below in its ``log_dir``
+``CSVLogger``, any ``log_dir``    ``normcheck_profiles/<kind>.png`` beside its metrics, overwritten each time (the
+                                  last one is the end of fit's)
+``MLFlowLogger``                  the same files as run artifacts ``normcheck/profile_<kind>.png``
+``WandbLogger``                   an image logged under ``normcheck/profile/<kind>``
+================================  ================================================================================
+
 Example:
     >>> from lightning_normcheck.diagnosis.records import GradientTotals, GradientLayers
     >>> rows = metric_rows([GradientTotals((4, 5), (2.0, 3.0), (0, 0)), GradientLayers(5, 0, ("fc",), (3.0,))], 5)
@@ -49,7 +72,7 @@ import math
 import numbers
 import os
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import singledispatch
 from typing import Any
@@ -74,6 +97,9 @@ from lightning_normcheck.diagnosis.registry import REGISTRY, SEVERITIES
 PREFIX = "normcheck/"
 TOTAL_KEY = "normcheck/grad_norm/total"
 CLIP_RATE_KEY = "normcheck/clip/rate"
+CLIP_THRESHOLD_KEY = "normcheck/clip/threshold"
+#: ``normcheck/findings/<severity>``: how many findings of each severity exist at a logging step.
+COUNT_KEYS = {severity: f"normcheck/findings/{severity}" for severity in SEVERITIES}
 #: Values also put in ``trainer.callback_metrics`` at each logging step (every rank: they are the same there),
 #: so ``EarlyStopping``/``ModelCheckpoint`` can monitor them.
 HEADLINE_KEYS = (TOTAL_KEY, CLIP_RATE_KEY)
@@ -122,6 +148,7 @@ def _(record: UpdateSample, row: dict[str, float]) -> None:
 def _(record: ClipWindow, row: dict[str, float]) -> None:
     row[CLIP_RATE_KEY] = record.rate
     row[f"{PREFIX}clip/mean_excess"] = record.mean_excess
+    row[CLIP_THRESHOLD_KEY] = record.threshold  # drawn with the total norm: how far above the line it runs
 
 
 @_metrics.register
@@ -144,6 +171,15 @@ def metric_rows(records: Iterable[Record], step: int) -> dict[int, dict[str, flo
     return {s: row for s, row in sorted(rows.items()) if row}
 
 
+def finding_counts(findings: Iterable[Finding]) -> dict[str, float]:
+    """How many ``findings`` there are of each severity, as metrics (every severity, zeros included: a chart
+    that starts at 0 shows when the first one appeared)."""
+    counts = dict.fromkeys(COUNT_KEYS.values(), 0.0)
+    for f in findings:
+        counts[COUNT_KEYS[f.severity]] += 1.0
+    return counts
+
+
 def log_rows(loggers: Sequence[Any], rows: dict[int, dict[str, float]]) -> None:
     """One ``logger.log_metrics(row, step=step)`` call per logger per step: Lightning's logger API."""
     for logger in loggers:
@@ -164,10 +200,17 @@ def publish_headline(trainer: Any, rows: dict[int, dict[str, float]]) -> None:
 
 
 #: The TensorBoard "Custom Scalars" layout: one multi-line chart per kind with every layer, the total gradient
-#: norm with the clip rate (``(title, [regex of the tags], ...)`` per category).
+#: norm with the clip threshold and rate, the finding counts (``(title, [regex of the tags], ...)`` per category).
 LAYOUT: dict[str, dict[str, list[str]]] = {
+    "normcheck: findings": {
+        "findings by severity": [f"^{key}$" for key in COUNT_KEYS.values()],
+    },
     "normcheck: gradients": {
-        "total gradient norm (pre-clip) and clip rate": [f"^{TOTAL_KEY}$", f"^{CLIP_RATE_KEY}$"],
+        "total gradient norm (pre-clip) and clip rate": [
+            f"^{TOTAL_KEY}$",
+            f"^{CLIP_THRESHOLD_KEY}$",
+            f"^{CLIP_RATE_KEY}$",
+        ],
         "gradient norm, every layer": [f"^{PREFIX}grad_norm/(?!total$).*"],
     },
     "normcheck: activations": {
@@ -362,6 +405,17 @@ def _to_wandb(logger: Any, findings: Sequence[Finding], step: int) -> None:
     run.summary[FINDINGS_KEY] = table
 
 
+def _give_up(logger: Any, sent: _Sent, err: Exception) -> None:
+    """A logger that failed to take the findings or the run description: warned about once, then skipped."""
+    sent.failed = True
+    rank_zero_warn(
+        f"lightning_normcheck: could not write the findings to {type(logger).__name__} ({err!r}); it is"
+        " skipped from now on. The findings are still in `callback.findings`, the other loggers and the"
+        " end-of-fit summary.",
+        category=RuntimeWarning,
+    )
+
+
 def publish_findings(loggers: Sequence[Any], findings: Sequence[Finding], step: int) -> None:
     """Every finding so far to each logger's own place for text (the table in the module docstring).
 
@@ -391,20 +445,197 @@ def publish_findings(loggers: Sequence[Any], findings: Sequence[Finding], step: 
                     report = report or findings_report(findings)
                     _to_dir(logger, log_dir, report, records)
         except Exception as err:  # noqa: BLE001 - a logger that cannot take the findings must not stop training
-            sent.failed = True
-            rank_zero_warn(
-                f"lightning_normcheck: could not write the findings to {type(logger).__name__} ({err!r}); it is"
-                " skipped from now on. The findings are still in `callback.findings`, the other loggers and the"
-                " end-of-fit summary.",
-                category=RuntimeWarning,
-            )
+            _give_up(logger, sent, err)
         else:
             sent.state = state
 
 
+# the run description -> each logger's own place ----------------------------------------------------------------
+RUN_KEY = "normcheck/run"
+RUN_FILE = "normcheck_run.json"
+RUN_VERSION = 1
+
+
+@dataclass
+class _RunSent:
+    """The description one logger already has for the fit ``fit`` (several callbacks of one Trainer merge)."""
+
+    fit: Hashable = None
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+_RUN_SENT: weakref.WeakKeyDictionary[Any, _RunSent] = weakref.WeakKeyDictionary()
+
+
+def merge_descriptions(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Two callbacks' descriptions of one fit: what either knows (a monitor only one of them has), the later
+    one's values where both know something; the monitors of both."""
+    merged = dict(old)
+    merged.update({k: v for k, v in new.items() if v not in (None, [], {}, "")})
+    merged["monitors"] = sorted(set(old.get("monitors", [])) | set(new.get("monitors", [])))
+    return merged
+
+
+def run_text(description: dict[str, Any]) -> str:
+    """The description as TensorBoard text: JSON in a code block (readable there, parsed back by the report)."""
+    return "```json\n" + json.dumps(_jsonable(description), indent=1, sort_keys=True) + "\n```"
+
+
+def parse_run_text(text: str) -> dict[str, Any]:
+    """The inverse of :func:`run_text`."""
+    body = text.strip().removeprefix("```json").removesuffix("```")
+    loaded = json.loads(body)
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def publish_run(loggers: Sequence[Any], description: dict[str, Any], step: int, fit: Hashable = None) -> None:
+    """The run description to each logger (rank zero): ``normcheck_run.json`` in a local ``log_dir`` and the
+    TensorBoard text ``normcheck/run``. Called at the start of fit and again when the forward order is first seen;
+    the descriptions of one ``fit`` from several callbacks merge. A logger that fails is warned about once and
+    skipped from then on, for the findings too (they go to the same place)."""
+    for logger in loggers:
+        try:
+            sent = _RUN_SENT.setdefault(logger, _RunSent())
+        except TypeError:
+            sent = _RunSent()
+        if sent.fit != fit:
+            sent.fit, sent.description = fit, {}
+        merged = merge_descriptions(sent.description, description)
+        if merged == sent.description or _sent(logger).failed:
+            continue
+        sent.description = merged
+        kinds = _kinds(logger)
+        try:
+            if kinds & {"MLFlowLogger", "WandbLogger"}:
+                continue
+            if "TensorBoardLogger" in kinds:
+                logger.experiment.add_text(RUN_KEY, run_text(merged), global_step=step)
+            log_dir = getattr(logger, "log_dir", None)
+            if isinstance(log_dir, str) and "://" not in log_dir:
+                _ = logger.experiment  # the logger makes its own directory first
+                os.makedirs(log_dir, exist_ok=True)
+                _write(os.path.join(log_dir, RUN_FILE), json.dumps(_jsonable(merged), indent=1, sort_keys=True) + "\n")
+        except Exception as err:  # noqa: BLE001 - it goes where the findings go: that logger is skipped from now on
+            _give_up(logger, _sent(logger), err)
+
+
+# depth profiles -> each logger's own place for images -------------------------------------------------------
+PROFILE_KEY = "normcheck/profile"  # TensorBoard image tag and W&B key: normcheck/profile/<kind>
+PROFILE_DIR = "normcheck_profiles"  # beside a local log_dir's metrics: <kind>.png
+
+
+@dataclass
+class _Picture:
+    """One profile drawn once (:func:`~lightning_normcheck.profiles.pixels`; ``rgb``: ``(height, width, 3)``
+    ``uint8``), PNG-encoded at most once."""
+
+    kind: str
+    rgb: Any
+    _png: bytes | None = None
+
+    @property
+    def png(self) -> bytes:
+        if self._png is None:
+            from lightning_normcheck.profiles import encode_png
+
+            self._png = encode_png(self.rgb)
+        return self._png
+
+
+# loggers that failed to take the images: skipped for the rest of the process (keyed weakly, like _SENT)
+_NO_IMAGES: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    """Like :func:`_write`, for bytes."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def _images_to_dir(logger: Any, log_dir: str, pictures: Sequence[_Picture]) -> None:
+    if "://" in log_dir:  # a remote store: only local directories are written
+        return
+    try:  # let the logger make its own directory first (as for the findings files)
+        _ = logger.experiment
+    except Exception:  # noqa: BLE001 - the logger reports its own failures; the files are still written
+        pass
+    folder = os.path.join(log_dir, PROFILE_DIR)
+    os.makedirs(folder, exist_ok=True)
+    for pic in pictures:
+        _write_bytes(os.path.join(folder, f"{pic.kind}.png"), pic.png)
+
+
+def _images_to_mlflow(logger: Any, pictures: Sequence[_Picture]) -> None:
+    import tempfile
+
+    client, run_id = logger.experiment, logger.run_id
+    with tempfile.TemporaryDirectory() as tmp:  # log_artifact copies (or uploads) the file before returning
+        for pic in pictures:
+            path = os.path.join(tmp, f"profile_{pic.kind}.png")
+            _write_bytes(path, pic.png)
+            client.log_artifact(run_id, path, ARTIFACT_DIR)
+
+
+def _images_to_wandb(logger: Any, pictures: Sequence[_Picture], step: int) -> None:
+    import wandb  # installed: a WandbLogger exists
+
+    images: dict[str, Any] = {f"{PROFILE_KEY}/{pic.kind}": wandb.Image(pic.rgb) for pic in pictures}
+    logger.experiment.log({**images, "trainer/global_step": step})  # one history row, WandbLogger's step key
+
+
+def publish_profiles(loggers: Sequence[Any], profiles: Sequence[Any], step: int) -> None:
+    """Depth profiles (:class:`~lightning_normcheck.profiles.Profile`) to each logger's own place for images
+    (the table in the module docstring), rank zero only, each drawn once whatever the number of loggers.
+
+    A logger that fails is warned about once and skipped for the rest of the run. Drawing errors (and a missing
+    matplotlib) are raised: the caller switches the pictures off.
+    """
+    targets = [lg for lg in loggers if lg not in _NO_IMAGES]
+    if not profiles or not targets:
+        return
+    import numpy as np  # installed with matplotlib
+
+    from lightning_normcheck.profiles import pixels
+
+    pictures = [_Picture(p.kind, np.ascontiguousarray(pixels(p)[..., :3])) for p in profiles]
+    for logger in targets:
+        kinds = _kinds(logger)
+        try:
+            if "MLFlowLogger" in kinds:
+                _images_to_mlflow(logger, pictures)
+            elif "WandbLogger" in kinds:
+                _images_to_wandb(logger, pictures, step)
+            else:
+                if "TensorBoardLogger" in kinds:
+                    writer = logger.experiment
+                    for pic in pictures:
+                        writer.add_image(f"{PROFILE_KEY}/{pic.kind}", pic.rgb, step, dataformats="HWC")
+                log_dir = getattr(logger, "log_dir", None)
+                if isinstance(log_dir, str):
+                    _images_to_dir(logger, log_dir, pictures)
+        except Exception as err:  # noqa: BLE001 - a logger that cannot take the images must not stop training
+            try:
+                _NO_IMAGES.add(logger)
+            except TypeError:  # not weak-referenceable: it is tried again next time
+                pass
+            rank_zero_warn(
+                f"lightning_normcheck: could not write the depth-profile images to {type(logger).__name__}"
+                f" ({err!r}); it gets no more images this run. The metrics and findings still go to it.",
+                category=RuntimeWarning,
+            )
+
+
 __all__ = [
+    "CLIP_THRESHOLD_KEY",
+    "COUNT_KEYS",
     "FINDINGS_KEY",
     "HEADLINE_KEYS",
+    "RUN_FILE",
+    "RUN_KEY",
+    "PROFILE_DIR",
+    "PROFILE_KEY",
     "SUMMARY_KEY",
     "TOTAL_KEY",
     "findings_details",
@@ -412,9 +643,15 @@ __all__ = [
     "findings_report",
     "findings_table",
     "findings_text",
+    "finding_counts",
     "log_rows",
     "merge_findings",
+    "merge_descriptions",
     "metric_rows",
+    "parse_run_text",
     "publish_findings",
+    "publish_run",
+    "run_text",
+    "publish_profiles",
     "worst_first",
 ]

@@ -190,6 +190,13 @@ class _ActivationNorms(_Monitor):
             tuple(LayerInitStat(n, fi, fo, v) for (n, _), fi, fo, v in zip(layers, fan_in, fan_out, values))
         )
 
+    def describe(self) -> dict[str, Any]:
+        # the modules' kinds and (at the first sampled step, see _base) forward order: metric names keep neither
+        modules = [
+            {"name": n, "type": type(m).__name__, "kind": self.kinds.get(n, "")} for n, m in self.modules.items()
+        ]
+        return {"modules": modules, "module_order": "registration", "activation_window": self.window}
+
     # hooks only live during sampled steps -------------------------------------------------------------
     def on_train_batch_start(self, run: _Run, batch: Any, batch_idx: int) -> None:
         step = run.step

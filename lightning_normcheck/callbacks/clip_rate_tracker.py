@@ -48,6 +48,11 @@ class _ClipRate(_Monitor):
         self._pos = self._filled = 0
         self._pending = []
 
+    def describe(self) -> dict[str, Any]:
+        if self.threshold is None:
+            return {}
+        return {"clip": {"threshold": self.threshold, "algorithm": self.algorithm, "window": self.window}}
+
     def on_before_optimizer_step(self, run: _Run, optimizer: torch.optim.Optimizer) -> None:
         if self.threshold is None:
             return

@@ -34,6 +34,9 @@ class _GradientNorms(_Monitor):
         self._scale: float | None = None  # the GradScaler's loss scale at the last logging step
         self._error: BaseException | None = None  # sharded: a failure to measure, reported at the next flush
 
+    def describe(self) -> dict[str, Any]:
+        return {"norm_type": self.norm_type}
+
     def setup(self, run: _Run) -> None:
         self._error = None
         self._scale = None

@@ -33,7 +33,7 @@ from lightning_normcheck.diagnosis.engine import Context, Flush, Rules
 from lightning_normcheck.diagnosis.findings import FindingLog
 from lightning_normcheck.diagnosis.init import init_message, layer_init_advice
 from lightning_normcheck.diagnosis.records import INPUT_LABEL, ActivationSample, GradientLayers, ModuleStat
-from lightning_normcheck.diagnosis.registry import Severity, compose
+from lightning_normcheck.diagnosis.registry import CLIP_FIX, Severity, compose
 from lightning_normcheck.diagnosis.thresholds import ActivationThresholds
 
 Chain = list[tuple[str, float]]
@@ -45,16 +45,16 @@ _GREW_CAUSES = (
     "depth without normalization or residuals",
     "init std too large",
 )
-_GREW_FIXES = ("lower the LR or add warmup", "clip gradients (gradient_clip_val=1.0)", "add LayerNorm/BatchNorm")
+_GREW_FIXES = ("lower the LR or add warmup", CLIP_FIX, "add LayerNorm/BatchNorm")
 _INIT_GRAD_CAUSES = ("init std too large", "depth without normalization", "no gradient clipping")
 _INIT_GRAD_FIXES = (
     "re-initialize (std sqrt(2/fan_in) for ReLU/GELU, Xavier for tanh/sigmoid)",
     "add LayerNorm/BatchNorm",
-    "clip gradients (gradient_clip_val=1.0)",
+    CLIP_FIX,
 )
 _DRIFT_UP = (
     ("learning rate too high (weights of this or earlier layers grow)", "no weight decay", "missing normalization"),
-    ("lower the LR or add warmup", "add weight decay", "add LayerNorm before this layer", "clip gradients at 1.0"),
+    ("lower the LR or add warmup", "add weight decay", "add LayerNorm before this layer", CLIP_FIX),
 )
 _DRIFT_DOWN = (
     ("dead ReLUs upstream", "learning rate too high knocked units off", "weight decay too strong"),

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from lightning_normcheck.diagnosis.findings import FindingLog
+from lightning_normcheck.diagnosis.fixes import Overrides
 from lightning_normcheck.diagnosis.records import InitStats, Record, RunInfo, TrainingError
 from lightning_normcheck.diagnosis.thresholds import Thresholds
 
@@ -131,6 +132,7 @@ class Diagnosis:
         self.rules: list[Rules] = [cls(self.ctx, self.log) for cls in _families()]
         self.on_error = on_error
         self.disabled: list[str] = []
+        self.overrides = Overrides()
 
     def _each(self, method: str, *args: Any) -> None:
         for r in list(self.rules):
@@ -159,16 +161,33 @@ class Diagnosis:
         flush = Flush(int(step), tuple(records))
         if not flush.records:
             return
+        self.overrides.observe(flush.records)
         self._each("observe", flush)
+        self._advise()
 
     def explain(self, error: TrainingError) -> None:
         """Training raised: each family ties the exception to what it found before."""
         self._each("explain", error)
+        self._advise()
+
+    def _advise(self) -> None:
+        """Concrete values and LightningCLI overrides into the fixes (never a reason for diagnosis to fail)."""
+        try:
+            self.overrides.apply(self.log, self.ctx.run)
+        except Exception as err:  # noqa: BLE001
+            if self.on_error is None:
+                raise
+            self.on_error(Rules(self.ctx, self.log), err)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": self.VERSION, "rules": {r.name: r.state_dict() for r in self.rules}}
+        return {
+            "version": self.VERSION,
+            "rules": {r.name: r.state_dict() for r in self.rules},
+            "overrides": self.overrides.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.overrides.load_state_dict(state.get("overrides", {}))
         saved = state.get("rules", {})
         for r in self.rules:
             if r.name in saved:

@@ -45,6 +45,8 @@ class Finding:
         value: the headline number, when there is one.
         since: the first step of the evidence (the start of the window judged); ``step`` when it is one step.
         extra: structured details (steps, factors, the exception that followed...).
+        overrides: the fixes as LightningCLI overrides (``--trainer.gradient_clip_val=2.3``), when the fix is a
+            Trainer or model argument.
     """
 
     code: str
@@ -57,6 +59,7 @@ class Finding:
     value: float | None = None
     since: int = -1
     extra: dict[str, Any] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.last_step < 0:
@@ -193,6 +196,15 @@ class FindingLog:
         f.extra.update(extra)
         return f
 
+    def advise(self, code: str, layer: str | None, message: str, overrides: list[str]) -> Finding | None:
+        """Put a concrete fix into a finding: its message with the value, and the overrides that set it."""
+        f = self.get(code, layer)
+        if f is None:
+            return None
+        f.message = message
+        f.overrides = list(overrides)
+        return f
+
     def annotate(self, code: str, layer: str | None, key: str, sentence: str, **extra: Any) -> bool:
         """Append ``sentence`` to a finding once per ``key`` (e.g. the exception that followed it)."""
         f = self.get(code, layer)
@@ -258,7 +270,11 @@ class FindingLog:
             )
             layers = ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} (+{len(names) - 2} more)"
             spec = REGISTRY.get(code)
-            cells = (group[0].severity, code, layers, str(min(f.step for f in group)), spec.fix if spec else "")
+            fix = spec.fix if spec else ""
+            overrides = list(dict.fromkeys(o for f in group for o in f.overrides))
+            if overrides:
+                fix += "; or " + " ".join(f"`{o}`" for o in overrides)
+            cells = (group[0].severity, code, layers, str(min(f.step for f in group)), fix)
             rows.append(tuple(c.replace("|", "\\|") for c in cells))
         widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
 

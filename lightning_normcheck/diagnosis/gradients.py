@@ -42,7 +42,7 @@ from lightning_normcheck.diagnosis.records import (
     LossSeries,
     TrainingError,
 )
-from lightning_normcheck.diagnosis.registry import Severity, compose
+from lightning_normcheck.diagnosis.registry import CLIP_FIX, Severity, compose
 from lightning_normcheck.diagnosis.thresholds import GradientThresholds
 
 #: The depth ratio compares the median of the input-side third of the layers with the output-side third's.
@@ -340,7 +340,7 @@ class GradientRules(Rules):
             fixes=(
                 "init with std sqrt(2/fan_in) (ReLU) or 1/sqrt(fan_in)",
                 "pre-norm residual blocks",
-                "clip gradients at 1.0",
+                CLIP_FIX,
             ),
         )
         severity: Severity = "error" if ratio >= th.grad_depth_ratio**-2 else "warning"

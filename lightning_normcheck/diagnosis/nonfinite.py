@@ -39,7 +39,7 @@ from lightning_normcheck.diagnosis.records import (
     LossCheck,
     TrainingError,
 )
-from lightning_normcheck.diagnosis.registry import compose
+from lightning_normcheck.diagnosis.registry import CLIP_FIX, compose
 
 #: The codes of the first non-finite value (an ``exploding_activations`` finding with ``extra["nonfinite"]``
 #: is the third kind: a module output).
@@ -353,7 +353,7 @@ class NonfiniteRules(Rules):
                 "add an eps (torch.sqrt(x + 1e-12))",
                 "clamp before log/division",
                 "lower the LR",
-                "clip gradients (gradient_clip_val=1.0)",
+                CLIP_FIX,
             ),
         )
         self.log.report("nonfinite_gradients", None, step, None, message, exception=text)

@@ -34,6 +34,8 @@ class RunInfo:
         clip_val: the Trainer's ``gradient_clip_val`` (``None``: no clipping by Lightning).
         clip_algorithm: ``"norm"`` or ``"value"``.
         normalized_by: ``"name (BatchNorm1d)"`` when the model's first layer is a BatchNorm, else ``None``.
+        lr_arg: the model hyperparameter that holds the learning rate (``"lr"``), when there is one: a fix can
+            then be given as the LightningCLI override ``--model.lr=...``.
     """
 
     layers: tuple[str, ...] = ()
@@ -43,6 +45,7 @@ class RunInfo:
     clip_val: float | None = None
     clip_algorithm: str = "norm"
     normalized_by: str | None = None
+    lr_arg: str | None = None
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,12 @@ class CodeSpec:
         return self.fixes[0]
 
 
-_CLIP = "clip gradients (gradient_clip_val=1.0)"
+#: The fix "clip the gradients", worded once: :mod:`~lightning_normcheck.diagnosis.fixes` replaces it in a message
+#: with a clip value taken from the run's own pre-clip norms and the LightningCLI override that sets it.
+CLIP_FIX = "clip gradients (gradient_clip_val=1.0)"
+#: The fix of a clip value far below the typical norm, worded once (replaced the same way).
+RAISE_CLIP_FIX = "set the clip value near the median pre-clip norm of a healthy run"
+_CLIP = CLIP_FIX
 _INIT = "re-initialize (std sqrt(2/fan_in) for ReLU/GELU, Xavier for tanh/sigmoid)"
 
 _SPECS = (
@@ -186,7 +191,7 @@ _SPECS = (
         ),
         (
             "lower the LR (or add warmup)",
-            "set the clip value near the median pre-clip norm of a healthy run",
+            RAISE_CLIP_FIX,
             "normalize targets; if this is a deliberate choice, ignore",
         ),
     ),
@@ -203,7 +208,7 @@ _SPECS = (
         (
             "lower this layer's LR",
             "add weight decay (AdamW, e.g. 0.01)",
-            "clip gradients at 1.0",
+            _CLIP,
             "add a normalization after this layer",
         ),
     ),
@@ -308,7 +313,7 @@ _SPECS = (
         (
             "lower the learning rate (the message names one to try)",
             "add a linear warm-up over the first few hundred steps",
-            "clip gradients (gradient_clip_val=1.0)",
+            _CLIP,
         ),
     ),
     CodeSpec(

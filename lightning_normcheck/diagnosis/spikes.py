@@ -45,7 +45,7 @@ from typing import Any
 from lightning_normcheck.diagnosis.engine import Context, Flush, Rules
 from lightning_normcheck.diagnosis.findings import FindingLog
 from lightning_normcheck.diagnosis.records import BatchSample, GradientTotals, StepBatches
-from lightning_normcheck.diagnosis.registry import compose
+from lightning_normcheck.diagnosis.registry import CLIP_FIX, compose
 from lightning_normcheck.diagnosis.thresholds import GradientThresholds
 
 #: A step missing from the batch map was made in the batch of an earlier step (several optimizer steps per
@@ -313,7 +313,7 @@ class SpikeRules(Rules):
             clip = f"gradient_clip_val={run.clip_val:g}, gradient_clip_algorithm={run.clip_algorithm!r}"
             note = f"Clipping is on ({clip}), so the updates were bounded; the spikes still point at those batches."
         else:
-            note = "Nothing clips the gradients: clip them, gradient_clip_val=1.0 in the Trainer."
+            note = f"Nothing clips the gradients: {CLIP_FIX}."
         return compose("gradient_spikes", seen, causes=_CAUSES.get(self.task), note=note)
 
     def state_dict(self) -> dict[str, Any]:
