@@ -8,7 +8,12 @@ the run without NormCheck), and compares every parameter and buffer with ``torch
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -363,3 +368,29 @@ def test_a_plugin_that_clips_its_own_way_is_left_alone(spy: Spy) -> None:
     )
     assert seen.seen == [False] * 5 and plugin.calls == 5
     assert (spy.clip_grad_norm, spy.with_norm) == (5, 0)
+
+
+DDP_SCRIPT = Path(__file__).resolve().parent / "scripts" / "ddp_clip.py"
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_are_identical(tmp_path: Path) -> None:
+    """Each rank clips the all-reduced gradients with its own measured total: the same weights as DDP without
+    NormCheck, on both ranks."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for mode in ("plain", "normcheck"):
+        proc = subprocess.run(
+            [sys.executable, str(DDP_SCRIPT), str(tmp_path), mode], capture_output=True, text=True, timeout=300, env=env
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = 8
+    for rank in (0, 1):
+        plain = json.loads((tmp_path / f"plain{rank}.json").read_text())
+        watched = json.loads((tmp_path / f"normcheck{rank}.json").read_text())
+        assert (plain["clip_grad_norm_"], plain["clip_grads_with_norm_"]) == (steps, 0)
+        assert sum(t > 0.2 for t in plain["totals"]) >= 6  # the threshold clips
+        assert (watched["clip_grad_norm_"], watched["clip_grads_with_norm_"]) == (0, steps)
+        assert not watched["left_installed"]
+        a = torch.load(tmp_path / f"plain{rank}.pt")
+        b = torch.load(tmp_path / f"normcheck{rank}.pt")
+        assert all(torch.equal(a[k], b[k]) for k in a)
