@@ -28,6 +28,7 @@ from torch import nn
 import lightning_normcheck.norms as N
 from lightning_normcheck import NormCheck
 from lightning_normcheck.callbacks._emission import TOTAL_KEY
+from lightning_normcheck.callbacks._run import _Run
 
 STEPS = 12
 
@@ -341,6 +342,27 @@ def test_the_plugin_is_restored_after_fit_and_after_an_exception() -> None:
         t.fit(FailsAtStep3(mlp()), data)
     assert seen.seen == [True] * 4
     assert "clip_grad_by_norm" not in vars(t.precision_plugin)
+
+
+def test_a_failure_in_the_reuse_is_said_once_and_lightning_clips(spy: Spy, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: Any, optimizer: Any) -> None:
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(_Run, "current_grad_stats", broken)
+    data = loader(regression_data(256), batch_size=16)
+    torch.manual_seed(0)
+    plain = LitModel(mlp())
+    fit(plain, data, [], max_steps=5, gradient_clip_val=0.3)
+    spy.reset()
+    torch.manual_seed(0)
+    model, seen, cb = LitModel(mlp()), Installed(), NormCheck(print_summary=False)
+    with pytest.warns(RuntimeWarning, match="reusing the measured gradient norm for clipping failed") as caught:
+        fit(model, data, [cb, seen], max_steps=5, gradient_clip_val=0.3)
+    assert len([w for w in caught if "reusing" in str(w.message)]) == 1
+    assert seen.seen == [True, False, False, False, False]  # removed at the first clip
+    assert (spy.clip_grad_norm, spy.with_norm) == (5, 0) and cb.disabled_monitors == []
+    a, b = state_of(plain), state_of(model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 class OwnClip(Precision):
