@@ -2,8 +2,9 @@
 
 Run from the repository root::
 
-    python benchmarks/clipping.py               # ~6 min on a 2-core CPU
-    python benchmarks/clipping.py --repeats 3   # quicker, noisier
+    python benchmarks/clipping.py               # ~12 min on a 2-core CPU
+    python benchmarks/clipping.py --repeats 3   # ~5 min, noisier
+    python benchmarks/clipping.py --models stack450 --repeats 5   # the 450-module stack, ~5 min
 
 ``Trainer(gradient_clip_val=1.0)`` (by norm) on the 16-block residual MLP (width 256) and the 6-layer transformer
 (d=128) of ``overhead.py`` (same models, data, AdamW and ``TensorBoardLogger``), in four configurations:
