@@ -89,7 +89,17 @@ def main(argv: list[str] | None = None) -> None:
             shutil.copy(profile, args.out / "depth_profile_act_rms.png")
         port = _free_port()
         board = subprocess.Popen(
-            [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp), "--port", str(port), "--host", "127.0.0.1"],
+            [
+                sys.executable,
+                "-m",
+                "tensorboard.main",
+                "--logdir",
+                str(tmp),
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
