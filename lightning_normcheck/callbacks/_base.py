@@ -25,7 +25,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_normcheck.callbacks import _emission
-from lightning_normcheck.callbacks._args import _check_bool, _check_choice, _check_int, _check_type
+from lightning_normcheck.callbacks._args import _check_bool, _check_choice, _check_float, _check_int, _check_type
+from lightning_normcheck.callbacks._budget import _Budget
 from lightning_normcheck.callbacks._isolation import _Isolation, failure_message, rank_zero_warn
 from lightning_normcheck.callbacks._run import EARLY_STEPS, _Run, compiled_prefixes, in_prefixes
 from lightning_normcheck.diagnosis.engine import Diagnosis, Rules
@@ -36,9 +37,10 @@ from lightning_normcheck.diagnosis.thresholds import Thresholds
 
 log = logging.getLogger("lightning_normcheck")
 
-#: Arguments that change how findings are shown or acted on, not what is measured or concluded: left out of
-#: the checkpoint key, so a run resumed with ``print_summary=False`` or another ``stop_on`` finds its state.
-COSMETIC_ARGS = frozenset({"print_summary", "stop_on"})
+#: Arguments that change how findings are shown or acted on, or what watching may cost, not what is concluded:
+#: left out of the checkpoint key, so a run resumed with ``print_summary=False``, another ``stop_on`` or another
+#: ``max_overhead`` finds its state.
+COSMETIC_ARGS = frozenset({"print_summary", "stop_on", "max_overhead"})
 
 
 def _plain(obj: Any) -> Any:
@@ -162,13 +164,18 @@ class _NormCheckBase(_Isolation, Callback):
         print_summary: bool = True,
         thresholds: Thresholds | None = None,
         stop_on: Literal["warning", "error"] | None = None,
+        max_overhead: float | None = None,
     ) -> None:
         owner = type(self).__name__
         _check_int(owner, "log_every_n_steps", log_every_n_steps, 1, allow_none=True)
         _check_bool(owner, "print_summary", print_summary)
         _check_type(owner, "thresholds", thresholds, Thresholds)
         _check_choice(owner, "stop_on", stop_on, (None, "warning", "error"))
+        _check_float(owner, "max_overhead", max_overhead, 0.0, 1.0, allow_none=True)
         self.log_every_n_steps = log_every_n_steps
+        self.max_overhead = None if max_overhead is None else float(max_overhead)
+        self._budget: _Budget | None = None
+        self._pending_budget: dict[str, Any] | None = None
         self.print_summary = print_summary
         self.stop_on = stop_on
         self.stopped_by: Finding | None = None  # the finding that stopped training (``stop_on``)
@@ -188,6 +195,7 @@ class _NormCheckBase(_Isolation, Callback):
         # can be pickled (ddp_spawn) and deep-copied
         state = dict(self.__dict__)
         state["_run"] = None
+        state["_budget"] = None
         state["_removal_pending"] = []
         return state
 
@@ -221,7 +229,13 @@ class _NormCheckBase(_Isolation, Callback):
         if run is None:
             return
         self._call("collect")
-        host = run.transfer(reduce=together)
+        budget = self._budget
+        if budget is not None and budget.host_only:  # CUDA: the copy waits for the user's queued kernels too
+            t0 = budget.clock()
+            host = run.transfer(reduce=together)
+            budget.spent -= budget.clock() - t0
+        else:
+            host = run.transfer(reduce=together)
         records: list[Record] = []
         for m in self._active():
             try:
@@ -229,6 +243,8 @@ class _NormCheckBase(_Isolation, Callback):
             except Exception as err:  # noqa: BLE001 - a monitor must never break training
                 self._disable(m, err)
         rows = _emission.metric_rows(records, step)
+        if budget is not None:
+            _emission.add_cadence(rows, step, run.cadence(step))
         _emission.publish_headline(run.trainer, rows)
         if run.is_global_zero and run.trainer.loggers:
             try:
@@ -262,6 +278,7 @@ class _NormCheckBase(_Isolation, Callback):
         self._teardown_hooks()
         self._disabled = set()
         self._run = None
+        self._budget = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the run starts here rather than in `setup`: `configure_model` and the strategy (FSDP2's `fully_shard`)
@@ -276,6 +293,20 @@ class _NormCheckBase(_Isolation, Callback):
         if self._pending_state is not None:
             self._load_monitor_state(self._pending_state)
             self._pending_state = None
+        if self.max_overhead is not None:
+            device = getattr(pl_module, "device", None)
+            self._budget = _Budget(self.max_overhead, host_only=getattr(device, "type", "cpu") != "cpu")
+            self._restore_cadence()
+
+    def _restore_cadence(self) -> None:
+        """A resumed run keeps the cadence its budget had stretched to (when it asks for the same base cadence)."""
+        pending, self._pending_budget = self._pending_budget, None
+        run = self._run
+        if run is None or self._budget is None or not pending or pending.get("base") != run.base_every:
+            return
+        every = pending.get("every")
+        if isinstance(every, int) and every > run.base_every and every % run.base_every == 0:
+            run.set_cadence(every, 0)
 
     def _check_layout(self, run: _Run) -> None:
         """Switch off, with one info line, the monitors that cannot be right for how the parameters are laid out
@@ -332,7 +363,18 @@ class _NormCheckBase(_Isolation, Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        budget, run = self._budget, self._run
+        if budget is not None and run is not None:
+            budget.begin_batch(run)
         self._call("on_train_batch_start", batch, batch_idx)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._budget is not None:
+            self._budget.pause()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._budget is not None:
+            self._budget.resume()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self._call("on_before_backward", loss)
@@ -358,14 +400,49 @@ class _NormCheckBase(_Isolation, Callback):
         run = self._run
         if run is None:
             return
+        budget = self._budget
+        flushed = run.flush_due
+        if budget is None:
+            self._batch_end(run, outputs, batch, batch_idx)
+        else:
+            budget.timed(self._batch_end, run, outputs, batch, batch_idx)
+            if flushed and budget.ready(run):
+                self._safely(self._stretch, run, budget)
+        # the optimizer is done with these gradients: holding them would keep a copy alive past zero_grad
+        run._grad_cache = {}
+
+    def _batch_end(self, run: _Run, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._call("on_train_batch_end", outputs, batch, batch_idx)
         if run.flush_due:
             run.flush_due = False
             self._safely(self._flush, run.flush_step)
             if self.stop_on is not None:
-                self._maybe_stop(trainer)
-        # the optimizer is done with these gradients: holding them would keep a copy alive past zero_grad
-        run._grad_cache = {}
+                self._maybe_stop(run.trainer)
+
+    def _stretch(self, run: _Run, budget: _Budget) -> None:
+        """At a decision point of the overhead budget: stretch the per-layer cadence (or bring it back down) so that
+        the sampled steps take at most ``max_overhead`` of the step time. Never the first ``EARLY_STEPS``, never
+        the total gradient norm of every step."""
+        every = budget.proposal(run)
+        if getattr(run.trainer, "world_size", 1) > 1:  # every rank must sample the same steps: rank zero decides
+            every = int(run.trainer.strategy.broadcast(every, src=0))
+        if every == run.every:
+            return
+        start = run.step + 1  # past the next step, whose sampling a monitor may have planned already
+        run.set_cadence(every, start)
+        if every > run.base_every and not budget.said and run.is_global_zero:
+            budget.said = True
+            log.info(
+                "lightning_normcheck: the per-layer measurements took %.1f%% of the training step time (max_overhead"
+                "=%g); from step %d they are taken every %d optimizer steps instead of every %d (logged as"
+                " `normcheck/cadence`). The total gradient norm is still logged at every step. Raise max_overhead,"
+                " or set it to None to keep the cadence.",
+                100 * budget.last_share,
+                budget.limit,
+                start + (-start) % every,
+                every,
+                run.base_every,
+            )
 
     def _maybe_stop(self, trainer: pl.Trainer) -> None:
         """Stop at the end of this step when a finding of ``stop_on`` severity or worse exists on any rank.
@@ -456,9 +533,10 @@ class _NormCheckBase(_Isolation, Callback):
         except Exception:  # noqa: BLE001 - a checkpoint must never fail because of a monitor
             findings, diagnosis = {}, {}
         # plain types only: Lightning may resume with torch.load(weights_only=True)
-        return _plain(
-            {"version": self.STATE_VERSION, "findings": findings, "diagnosis": diagnosis, "monitors": monitors}
-        )
+        state = {"version": self.STATE_VERSION, "findings": findings, "diagnosis": diagnosis, "monitors": monitors}
+        if self._budget is not None and self._run is not None:
+            state["budget"] = {"every": self._run.every, "base": self._run.base_every}
+        return _plain(state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         try:
@@ -466,6 +544,10 @@ class _NormCheckBase(_Isolation, Callback):
             self._diagnosis.load_state_dict(state_dict.get("diagnosis", {}))
         except Exception as err:  # noqa: BLE001 - a resume must never fail because of a monitor
             rank_zero_warn(f"lightning_normcheck: could not restore the findings: {err!r}")
+        budget = state_dict.get("budget")
+        self._pending_budget = budget if isinstance(budget, dict) else None
+        if self._run is not None:
+            self._restore_cadence()
         monitors = state_dict.get("monitors", {})
         if self._run is None:
             self._pending_state = monitors  # restored at setup, once the model is known

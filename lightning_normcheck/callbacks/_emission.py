@@ -19,6 +19,7 @@ Key                                            Record
 ``normcheck/clip/rate``, ``clip/mean_excess``  :class:`ClipWindow`
 ``normcheck/input/max_abs/<tensor>``           :class:`BatchSample`
 ``normcheck/target/median_abs/<tensor>``       :class:`BatchSample`
+``normcheck/cadence``                          the per-layer sampling cadence (``max_overhead``)
 =============================================  ====================================================
 
 Findings go to each logger's own place for text (:func:`publish_findings`):
@@ -74,6 +75,7 @@ from lightning_normcheck.diagnosis.registry import REGISTRY, SEVERITIES
 PREFIX = "normcheck/"
 TOTAL_KEY = "normcheck/grad_norm/total"
 CLIP_RATE_KEY = "normcheck/clip/rate"
+CADENCE_KEY = "normcheck/cadence"
 #: Values also put in ``trainer.callback_metrics`` at each logging step (every rank: they are the same there),
 #: so ``EarlyStopping``/``ModelCheckpoint`` can monitor them.
 HEADLINE_KEYS = (TOTAL_KEY, CLIP_RATE_KEY)
@@ -142,6 +144,12 @@ def metric_rows(records: Iterable[Record], step: int) -> dict[int, dict[str, flo
         else:
             _metrics(r, rows.setdefault(step, {}))
     return {s: row for s, row in sorted(rows.items()) if row}
+
+
+def add_cadence(rows: dict[int, dict[str, float]], step: int, every: int) -> None:
+    """The per-layer sampling cadence in force at the logging step ``step`` (in optimizer steps; an overhead
+    budget may have stretched it from the one asked for)."""
+    rows.setdefault(step, {})[CADENCE_KEY] = float(every)
 
 
 def log_rows(loggers: Sequence[Any], rows: dict[int, dict[str, float]]) -> None:

@@ -68,6 +68,13 @@ class NormCheck(_NormCheckBase):
             severity or worse exists at a logging step, training stops cleanly at the end of that step
             (``trainer.should_stop``, decided the same way on every rank) and one line names the finding;
             ``trainer.fit`` returns normally, :attr:`stopped_by` holds the finding.
+        max_overhead: the largest share of the training step time the per-layer measurements of sampled steps may
+            take, averaged over steps (default 0.03; ``None``: no budget). NormCheck clocks its own hooks; when
+            they take more, the per-layer cadence is stretched (to a multiple of ``log_every_n_steps``, at most
+            every 1000 steps), logged as ``normcheck/cadence`` and said once in an info line; it comes back down
+            when the share falls well below the budget. Never stretched: the total gradient norm of every step
+            (``normcheck/grad_norm/total``, the part NormCheck costs on every step, not counted) and the dense
+            sampling of the first 20 steps.
 
     Raises:
         ValueError: an argument is out of range (the message names it, the value and what is allowed).
@@ -87,6 +94,7 @@ class NormCheck(_NormCheckBase):
                 log_every_n_steps: 25
                 exclude_types: [LayerNorm]
                 stop_on: error          # stop a doomed run at its first error finding
+                max_overhead: 0.05      # per-layer measurements may take 5% of the step time (null: no budget)
                 thresholds:
                   activations: {dead_fraction: 0.7}
     """
@@ -119,11 +127,16 @@ class NormCheck(_NormCheckBase):
         print_summary: bool = True,
         thresholds: Thresholds | None = None,
         stop_on: Literal["warning", "error"] | None = None,
+        max_overhead: float | None = 0.03,
     ) -> None:
         owner = type(self).__name__
         thresholds = _with_shortcuts(owner, thresholds, spike_factor, high_clip_rate)
         super().__init__(
-            log_every_n_steps=log_every_n_steps, print_summary=print_summary, thresholds=thresholds, stop_on=stop_on
+            log_every_n_steps=log_every_n_steps,
+            print_summary=print_summary,
+            thresholds=thresholds,
+            stop_on=stop_on,
+            max_overhead=max_overhead,
         )
         th = self.thresholds
         for arg, val in (
