@@ -389,7 +389,7 @@ class _NormCheckBase(_Isolation, Callback):
         run = self._run
         if run is None:
             return
-        if run.is_due(run.step):
+        if run.is_log_step(run.step):  # the totals and the diagnosis keep the cadence asked for
             run.flush_due = True
             run.flush_step = run.step
         self._call("on_before_optimizer_step", optimizer)

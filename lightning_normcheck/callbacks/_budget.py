@@ -13,7 +13,7 @@ On CUDA the clock sees the host side of the hooks (Python and kernel launches) a
 kernels; the wait inside the one transfer per logging step (it also waits for the user's queued kernels) is left
 out.
 
-Decisions are made right after a flush, at points that follow from the schedule alone (never from a measured
+Decisions are made right after the flush of a sampled step, at points that follow from the schedule alone (never from a measured
 value), so every rank reaches them together; under several processes rank zero's decision is broadcast.
 """
 
@@ -121,7 +121,12 @@ class _Budget:
     def ready(self, run: _Run) -> bool:
         """Whether the flush just done is a decision point: the window is long enough and began under the current
         cadence. Follows from the schedule only, so every rank answers the same."""
-        return self.started and run.flush_step >= run.cadence_from and sum(self.batches) >= MIN_WINDOW
+        return (
+            self.started
+            and run.flush_step >= run.cadence_from
+            and run.is_due(run.flush_step)
+            and sum(self.batches) >= MIN_WINDOW
+        )
 
     def proposal(self, run: _Run) -> int:
         """The cadence this window's times call for (the current one when they call for no change)."""

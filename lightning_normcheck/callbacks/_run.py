@@ -173,6 +173,11 @@ class _Run:
             return True
         return step < EARLY_STEPS and (step < 4 or step % 2 == 0)
 
+    def is_log_step(self, step: int) -> bool:
+        """Whether ``step`` is a logging step: every ``base_every`` steps (the cadence asked for, which a budget never
+        stretches), and densely below ``EARLY_STEPS``; every sampled step is one."""
+        return step % self.base_every == 0 or step < EARLY_STEPS and (step < 4 or step % 2 == 0)
+
     def cadence(self, step: int) -> int:
         """The per-layer sampling cadence that applies to ``step`` (the dense early steps aside)."""
         return self.every if step >= self.cadence_from else self._earlier_every
