@@ -153,10 +153,43 @@ def add_cadence(rows: dict[int, dict[str, float]], step: int, every: int) -> Non
 
 
 def log_rows(loggers: Sequence[Any], rows: dict[int, dict[str, float]]) -> None:
-    """One ``logger.log_metrics(row, step=step)`` call per logger per step: Lightning's logger API."""
+    """One ``logger.log_metrics(row, step=step)`` call per logger per step: Lightning's logger API (one event per
+    step for a TensorBoard logger, see :func:`_tensorboard_file`)."""
     for logger in loggers:
+        events = _tensorboard_file(logger)
         for s, row in rows.items():
-            logger.log_metrics(row, step=s)
+            if events is None or not _one_event(events, row, s):
+                logger.log_metrics(row, step=s)
+
+
+def _tensorboard_file(logger: Any) -> Any:
+    """The event file writer of a TensorBoardLogger (torch's SummaryWriter, no prefix), else None.
+
+    ``TensorBoardLogger.log_metrics`` makes one event per key (``add_scalar``), and the writer's queue holds 10:
+    1,800 per-layer values (a sampled step of a 450-module model) took 58-117 ms of wall time, the training thread
+    waiting for the writer thread (2-core CPU); the same values as one event of 1,800 scalars took 1.5-2.5 ms.
+    TensorBoard reads them alike (one scalar series per tag)."""
+    if type(logger).__name__ != "TensorBoardLogger" or getattr(logger, "_prefix", None):
+        return None
+    try:
+        writer = logger.experiment
+        if type(writer).__module__ != "torch.utils.tensorboard.writer":
+            return None
+        return writer._get_file_writer()
+    except Exception:  # noqa: BLE001 - Lightning's own call is the fallback
+        return None
+
+
+def _one_event(events: Any, row: dict[str, float], step: int) -> bool:
+    """``row`` as one TensorBoard event at ``step`` (what ``add_scalar`` writes, for every key at once)."""
+    try:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in row.items()]
+        events.add_summary(Summary(value=values), step)
+        return True
+    except Exception:  # noqa: BLE001 - Lightning's own call is the fallback
+        return False
 
 
 def publish_headline(trainer: Any, rows: dict[int, dict[str, float]]) -> None:
