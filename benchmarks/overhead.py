@@ -639,8 +639,8 @@ def goals(results: dict[str, Any], clock: str) -> list[str]:
         out.append(
             f"NormCheck() (max_overhead=0.03) on the {MODELS[m].title} at log_every_n_steps=1: excess over the floor "
             f"{ex[0] * 100:+.2f}% ({ex[1] * 100:+.2f} to {ex[2] * 100:+.2f}){off}, per-layer cadence stretched to "
-            f"{cad}: the per-layer part within the 3% budget, the every-step part (a transfer and a logger call per "
-            "logging step) on top"
+            f"{cad} (the budget governs the per-layer part; the every-step part, a flush and a logger call per "
+            "logging step, comes on top)"
         )
     cell = results["cells"].get("stack450", {}).get(default, {})
     if "normcheck" in cell:
