@@ -30,7 +30,8 @@ from torch import Tensor
 
 from lightning_normcheck import profiles as _profiles
 from lightning_normcheck.callbacks import _clip_reuse, _emission
-from lightning_normcheck.callbacks._args import _check_bool, _check_choice, _check_int, _check_type
+from lightning_normcheck.callbacks._args import _check_bool, _check_choice, _check_float, _check_int, _check_type
+from lightning_normcheck.callbacks._budget import _Budget
 from lightning_normcheck.callbacks._isolation import _Isolation, failure_message, rank_zero_warn
 from lightning_normcheck.callbacks._run import EARLY_STEPS, _Run, compiled_prefixes, in_prefixes
 from lightning_normcheck.diagnosis.engine import Diagnosis, Rules
@@ -41,9 +42,10 @@ from lightning_normcheck.diagnosis.thresholds import Thresholds
 
 log = logging.getLogger("lightning_normcheck")
 
-#: Arguments that change how findings are shown or acted on, not what is measured or concluded: left out of
-#: the checkpoint key, so a run resumed with ``print_summary=False`` or another ``stop_on`` finds its state.
-COSMETIC_ARGS = frozenset({"print_summary", "stop_on", "depth_profiles"})
+#: Arguments that change how findings are shown or acted on, or what watching may cost, not what is concluded:
+#: left out of the checkpoint key, so a run resumed with ``print_summary=False``, another ``stop_on``, another
+#: ``max_overhead`` or without pictures finds its state.
+COSMETIC_ARGS = frozenset({"print_summary", "stop_on", "depth_profiles", "max_overhead"})
 
 #: Depth-profile images (:meth:`_NormCheckBase._update_profiles`): the four kinds drawn and written to a
 #: TensorBoard and a CSV logger took 0.8-1.2 s for an 8-layer MLP and 2.5-3.3 s for 82 layers (busy 2-core CPU,
@@ -198,6 +200,7 @@ class _NormCheckBase(_Isolation, Callback):
         thresholds: Thresholds | None = None,
         stop_on: Literal["warning", "error"] | None = None,
         depth_profiles: bool = True,
+        max_overhead: float | None = None,
     ) -> None:
         owner = type(self).__name__
         _check_int(owner, "log_every_n_steps", log_every_n_steps, 1, allow_none=True)
@@ -205,7 +208,11 @@ class _NormCheckBase(_Isolation, Callback):
         _check_type(owner, "thresholds", thresholds, Thresholds)
         _check_choice(owner, "stop_on", stop_on, (None, "warning", "error"))
         _check_bool(owner, "depth_profiles", depth_profiles)
+        _check_float(owner, "max_overhead", max_overhead, 0.0, 1.0, allow_none=True)
         self.log_every_n_steps = log_every_n_steps
+        self.max_overhead = None if max_overhead is None else float(max_overhead)
+        self._budget: _Budget | None = None
+        self._pending_budget: dict[str, Any] | None = None
         self.print_summary = print_summary
         self.depth_profiles = depth_profiles
         self._book: _profiles.ProfileBook | None = None  # this fit's depth profiles (rank zero)
@@ -232,6 +239,7 @@ class _NormCheckBase(_Isolation, Callback):
         state = dict(self.__dict__)
         state["_run"] = None
         state["_clip_reuse"] = None
+        state["_budget"] = None
         state["_removal_pending"] = []
         return state
 
@@ -274,7 +282,13 @@ class _NormCheckBase(_Isolation, Callback):
         if run is None:
             return
         self._call("collect")
-        host = run.transfer(reduce=together)
+        budget = self._budget
+        if budget is not None and budget.host_only:  # CUDA: the copy waits for the user's queued kernels too
+            t0 = budget.clock()
+            host = run.transfer(reduce=together)
+            budget.spent -= budget.clock() - t0
+        else:
+            host = run.transfer(reduce=together)
         records: list[Record] = []
         for m in self._active():
             try:
@@ -282,6 +296,8 @@ class _NormCheckBase(_Isolation, Callback):
             except Exception as err:  # noqa: BLE001 - a monitor must never break training
                 self._disable(m, err)
         rows = _emission.metric_rows(records, step)
+        if budget is not None:
+            _emission.add_cadence(rows, step, run.cadence(step))
         _emission.publish_headline(run.trainer, rows)
         self._observe(step, records)  # first: the finding counts logged with this step's metrics include its own
         if run.is_global_zero and run.trainer.loggers:
@@ -413,6 +429,8 @@ class _NormCheckBase(_Isolation, Callback):
             rank_zero_warn(failure_message("drawing the depth-profile images", err), category=RuntimeWarning)
             return
         took = time.monotonic() - start
+        if self._budget is not None:  # bounded on their own (PROFILE_COST_FACTOR): not the per-layer sampling's cost
+            self._budget.spent -= took
         self._images_last = chosen
         self._images_next = time.monotonic() + max(PROFILE_INTERVAL_S, PROFILE_COST_FACTOR * took)
 
@@ -423,6 +441,7 @@ class _NormCheckBase(_Isolation, Callback):
         self._teardown_hooks()
         self._disabled = set()
         self._run = None
+        self._budget = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the run starts here rather than in `setup`: `configure_model` and the strategy (FSDP2's `fully_shard`)
@@ -440,6 +459,21 @@ class _NormCheckBase(_Isolation, Callback):
             self._pending_state = None
         # after setup: the clip tracker knows its threshold, the layout check may have switched monitors off
         self._clip_reuse = _clip_reuse.install(run, {m.name for m in self._active()})
+
+        if self.max_overhead is not None:
+            device = getattr(pl_module, "device", None)
+            self._budget = _Budget(self.max_overhead, host_only=getattr(device, "type", "cpu") != "cpu")
+            self._restore_cadence()
+
+    def _restore_cadence(self) -> None:
+        """A resumed run keeps the cadence its budget had stretched to (when it asks for the same base cadence)."""
+        pending, self._pending_budget = self._pending_budget, None
+        run = self._run
+        if run is None or self._budget is None or not pending or pending.get("base") != run.base_every:
+            return
+        every = pending.get("every")
+        if isinstance(every, int) and every > run.base_every and every % run.base_every == 0:
+            run.set_cadence(every, 0)
 
     def _teardown_hooks(self) -> None:
         super()._teardown_hooks()
@@ -508,7 +542,18 @@ class _NormCheckBase(_Isolation, Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        budget, run = self._budget, self._run
+        if budget is not None and run is not None:
+            budget.begin_batch(run)
         self._call("on_train_batch_start", batch, batch_idx)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._budget is not None:
+            self._budget.pause()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._budget is not None:
+            self._budget.resume()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self._call("on_before_backward", loss)
@@ -523,7 +568,7 @@ class _NormCheckBase(_Isolation, Callback):
         run = self._run
         if run is None:
             return
-        if run.is_due(run.step):
+        if run.is_log_step(run.step):  # the totals and the diagnosis keep the cadence asked for
             run.flush_due = True
             run.flush_step = run.step
         self._call("on_before_optimizer_step", optimizer)
@@ -534,14 +579,49 @@ class _NormCheckBase(_Isolation, Callback):
         run = self._run
         if run is None:
             return
+        budget = self._budget
+        flushed = run.flush_due
+        if budget is None:
+            self._batch_end(run, outputs, batch, batch_idx)
+        else:
+            budget.timed(self._batch_end, run, outputs, batch, batch_idx)
+            if flushed and budget.ready(run):
+                self._safely(self._stretch, run, budget)
+        # the optimizer is done with these gradients: holding them would keep a copy alive past zero_grad
+        run._grad_cache = {}
+
+    def _batch_end(self, run: _Run, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._call("on_train_batch_end", outputs, batch, batch_idx)
         if run.flush_due:
             run.flush_due = False
             self._safely(self._flush, run.flush_step)
             if self.stop_on is not None:
-                self._maybe_stop(trainer)
-        # the optimizer is done with these gradients: holding them would keep a copy alive past zero_grad
-        run._grad_cache = {}
+                self._maybe_stop(run.trainer)
+
+    def _stretch(self, run: _Run, budget: _Budget) -> None:
+        """At a decision point of the overhead budget: stretch the per-layer cadence (or bring it back down) so that
+        the sampled steps take at most ``max_overhead`` of the step time. Never the first ``EARLY_STEPS``, never
+        the total gradient norm of every step."""
+        every = budget.proposal(run)
+        if getattr(run.trainer, "world_size", 1) > 1:  # every rank must sample the same steps: rank zero decides
+            every = int(run.trainer.strategy.broadcast(every, src=0))
+        if every == run.every:
+            return
+        start = run.step + 1  # past the next step, whose sampling a monitor may have planned already
+        run.set_cadence(every, start)
+        if every > run.base_every and not budget.said and run.is_global_zero:
+            budget.said = True
+            log.info(
+                "lightning_normcheck: the per-layer measurements took %.1f%% of the training step time (max_overhead"
+                "=%g); from step %d they are taken every %d optimizer steps instead of every %d (logged as"
+                " `normcheck/cadence`). The total gradient norm is still logged at every step. Raise max_overhead,"
+                " or set it to None to keep the cadence.",
+                100 * budget.last_share,
+                budget.limit,
+                start + (-start) % every,
+                every,
+                run.base_every,
+            )
 
     def _maybe_stop(self, trainer: pl.Trainer) -> None:
         """Stop at the end of this step when a finding of ``stop_on`` severity or worse exists on any rank.
@@ -634,9 +714,10 @@ class _NormCheckBase(_Isolation, Callback):
         except Exception:  # noqa: BLE001 - a checkpoint must never fail because of a monitor
             findings, diagnosis = {}, {}
         # plain types only: Lightning may resume with torch.load(weights_only=True)
-        return _plain(
-            {"version": self.STATE_VERSION, "findings": findings, "diagnosis": diagnosis, "monitors": monitors}
-        )
+        state = {"version": self.STATE_VERSION, "findings": findings, "diagnosis": diagnosis, "monitors": monitors}
+        if self._budget is not None and self._run is not None:
+            state["budget"] = {"every": self._run.every, "base": self._run.base_every}
+        return _plain(state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         try:
@@ -644,6 +725,10 @@ class _NormCheckBase(_Isolation, Callback):
             self._diagnosis.load_state_dict(state_dict.get("diagnosis", {}))
         except Exception as err:  # noqa: BLE001 - a resume must never fail because of a monitor
             rank_zero_warn(f"lightning_normcheck: could not restore the findings: {err!r}")
+        budget = state_dict.get("budget")
+        self._pending_budget = budget if isinstance(budget, dict) else None
+        if self._run is not None:
+            self._restore_cadence()
         monitors = state_dict.get("monitors", {})
         if self._run is None:
             self._pending_state = monitors  # restored at setup, once the model is known

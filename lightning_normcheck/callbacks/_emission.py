@@ -22,6 +22,7 @@ Key                                            Record
 ``normcheck/target/median_abs/<tensor>``       :class:`BatchSample`
 ``normcheck/findings/<severity>``              the findings so far of each severity (``info``, ``warning``,
                                                ``error``), at each logging step (:func:`finding_counts`)
+``normcheck/cadence``                          the per-layer sampling cadence (``max_overhead``)
 =============================================  ====================================================
 
 Findings go to each logger's own place for text (:func:`publish_findings`):
@@ -100,6 +101,7 @@ CLIP_RATE_KEY = "normcheck/clip/rate"
 CLIP_THRESHOLD_KEY = "normcheck/clip/threshold"
 #: ``normcheck/findings/<severity>``: how many findings of each severity exist at a logging step.
 COUNT_KEYS = {severity: f"normcheck/findings/{severity}" for severity in SEVERITIES}
+CADENCE_KEY = "normcheck/cadence"
 #: Values also put in ``trainer.callback_metrics`` at each logging step (every rank: they are the same there),
 #: so ``EarlyStopping``/``ModelCheckpoint`` can monitor them.
 HEADLINE_KEYS = (TOTAL_KEY, CLIP_RATE_KEY)
@@ -180,11 +182,50 @@ def finding_counts(findings: Iterable[Finding]) -> dict[str, float]:
     return counts
 
 
+def add_cadence(rows: dict[int, dict[str, float]], step: int, every: int) -> None:
+    """The per-layer sampling cadence in force at the logging step ``step`` (in optimizer steps; an overhead
+    budget may have stretched it from the one asked for)."""
+    rows.setdefault(step, {})[CADENCE_KEY] = float(every)
+
+
 def log_rows(loggers: Sequence[Any], rows: dict[int, dict[str, float]]) -> None:
-    """One ``logger.log_metrics(row, step=step)`` call per logger per step: Lightning's logger API."""
+    """One ``logger.log_metrics(row, step=step)`` call per logger per step: Lightning's logger API (one event per
+    step for a TensorBoard logger, see :func:`_tensorboard_file`)."""
     for logger in loggers:
+        events = _tensorboard_file(logger)
         for s, row in rows.items():
-            logger.log_metrics(row, step=s)
+            if events is None or not _one_event(events, row, s):
+                logger.log_metrics(row, step=s)
+
+
+def _tensorboard_file(logger: Any) -> Any:
+    """The event file writer of a TensorBoardLogger (torch's SummaryWriter, no prefix), else None.
+
+    ``TensorBoardLogger.log_metrics`` makes one event per key (``add_scalar``), and the writer's queue holds 10:
+    1,800 per-layer values (a sampled step of a 450-module model) took 58-117 ms of wall time, the training thread
+    waiting for the writer thread (2-core CPU); the same values as one event of 1,800 scalars took 1.5-2.5 ms.
+    TensorBoard reads them alike (one scalar series per tag)."""
+    if type(logger).__name__ != "TensorBoardLogger" or getattr(logger, "_prefix", None):
+        return None
+    try:
+        writer = logger.experiment
+        if type(writer).__module__ != "torch.utils.tensorboard.writer":
+            return None
+        return writer._get_file_writer()
+    except Exception:  # noqa: BLE001 - Lightning's own call is the fallback
+        return None
+
+
+def _one_event(events: Any, row: dict[str, float], step: int) -> bool:
+    """``row`` as one TensorBoard event at ``step`` (what ``add_scalar`` writes, for every key at once)."""
+    try:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in row.items()]
+        events.add_summary(Summary(value=values), step)
+        return True
+    except Exception:  # noqa: BLE001 - Lightning's own call is the fallback
+        return False
 
 
 def publish_headline(trainer: Any, rows: dict[int, dict[str, float]]) -> None:

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn as _rank_zero_warn
 
 if TYPE_CHECKING:
     from lightning_normcheck.callbacks._base import _Monitor
+    from lightning_normcheck.callbacks._budget import _Budget
     from lightning_normcheck.callbacks._run import _Run
 
 log = logging.getLogger("lightning_normcheck")
@@ -40,6 +41,7 @@ class _Isolation:
     _disabled: set[str]
     _removal_pending: list[_Monitor]
     _run: _Run | None
+    _budget: _Budget | None = None  # the overhead budget of the current fit, if any
 
     def _active(self) -> list[_Monitor]:
         return [m for m in self._monitors if m.name not in self._disabled]
@@ -89,6 +91,13 @@ class _Isolation:
         run = self._run
         if run is None:
             return
+        budget = self._budget
+        if budget is not None and not budget.depth:
+            budget.timed(self._dispatch, run, method, *args)
+        else:
+            self._dispatch(run, method, *args)
+
+    def _dispatch(self, run: _Run, method: str, *args: Any) -> None:
         for m in self._active():
             try:
                 getattr(m, method)(run, *args)
@@ -101,11 +110,19 @@ class _Isolation:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             if monitor.name in self._disabled:
                 return None
+            budget = self._budget  # the overhead budget clocks hooks in the user's code too (outermost only)
+            t0 = budget.clock() if budget is not None and not budget.depth else None
+            if t0 is not None:
+                budget.depth = 1  # type: ignore[union-attr]
             try:
                 return fn(*args, **kwargs)
             except Exception as err:  # noqa: BLE001
                 # module hooks run from a copy of the hook dict: safe to remove them at once
                 self._disable(monitor, err, inside_hook=not (args and isinstance(args[0], torch.nn.Module)))
                 return None
+            finally:
+                if t0 is not None:
+                    budget.spent += budget.clock() - t0  # type: ignore[union-attr]
+                    budget.depth = 0  # type: ignore[union-attr]
 
         return wrapped

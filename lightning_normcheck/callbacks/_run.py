@@ -137,7 +137,13 @@ class _Run:
         self.owner = owner
         self.trainer = trainer
         self.module_ref = weakref.ref(pl_module)
-        self.every = owner.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+        #: the cadence asked for (the callback's ``log_every_n_steps``, else the Trainer's)
+        self.base_every = owner.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+        #: the per-layer sampling cadence of steps from ``cadence_from`` on (``base_every`` unless an overhead
+        #: budget stretched it); steps before that keep ``_earlier_every``, the cadence already announced to them
+        self.every = self.base_every
+        self.cadence_from = 0
+        self._earlier_every = self.base_every
         self.is_global_zero = bool(trainer.is_global_zero)
         # parameter -> layer (owning module) map; named_parameters() already counts tied weights once
         self.layer_names: list[str] = []
@@ -187,9 +193,28 @@ class _Run:
         return int(self.trainer.global_step)
 
     def is_due(self, step: int) -> bool:
-        if step % self.every == 0:
+        """Whether ``step`` is a sampled step: every :meth:`cadence` steps, and densely below ``EARLY_STEPS``."""
+        if step % (self.every if step >= self.cadence_from else self._earlier_every) == 0:
             return True
         return step < EARLY_STEPS and (step < 4 or step % 2 == 0)
+
+    def is_log_step(self, step: int) -> bool:
+        """Whether ``step`` is a logging step: every ``base_every`` steps (the cadence asked for, which a budget never
+        stretches), and densely below ``EARLY_STEPS``; every sampled step is one."""
+        return step % self.base_every == 0 or step < EARLY_STEPS and (step < 4 or step % 2 == 0)
+
+    def cadence(self, step: int) -> int:
+        """The per-layer sampling cadence that applies to ``step`` (the dense early steps aside)."""
+        return self.every if step >= self.cadence_from else self._earlier_every
+
+    def set_cadence(self, every: int, from_step: int) -> None:
+        """Sample every ``every`` steps from ``from_step`` on; the steps before keep the cadence they had.
+
+        ``from_step`` must lie beyond every step whose sampling a monitor has already planned (the bug detector
+        plans the next step's), so what was planned still happens."""
+        self._earlier_every = self.cadence(from_step - 1) if from_step > 0 else every
+        self.every = int(every)
+        self.cadence_from = int(from_step)
 
     def layer_label(self, index: int) -> str:
         return self.layer_names[index] or ROOT_LABEL

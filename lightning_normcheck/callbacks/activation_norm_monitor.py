@@ -293,9 +293,16 @@ class _ActivationNorms(_Monitor):
         if self._input is not None and self._input.sumsq is not None:
             run.stage((self.name, "input"), N.rms_from_sumsq(self._input.sumsq, self._input.numel))
         self._window_samples += 1
+        if order:  # every module's RMS as one vector: per-module staging cost ~10 ms a step on 450 modules
+            sums = [self._stats[name].sumsq for name in order]
+            device = sums[0].device  # type: ignore[union-attr]
+            wide = torch.float64 if any(t.dtype == torch.float64 for t in sums) else torch.float32  # type: ignore[union-attr]
+            squares = torch.stack([t.to(device=device, dtype=wide) for t in sums])  # type: ignore[union-attr]
+            counts = torch.tensor([max(self._stats[name].numel, 1) for name in order], dtype=wide, device=device)
+            run.stage((self.name, "rms"), (squares / counts).sqrt())
         for name in order:
             st = self._stats[name]
-            values = [N.rms_from_sumsq(st.sumsq, st.numel)]  # type: ignore[arg-type]
+            values = []
             if st.alive is not None:
                 # a sliding window of the last `window` sampled batches: a unit is dead if it never fired in any
                 hist = self._window_alive.setdefault(name, [])
@@ -304,7 +311,8 @@ class _ActivationNorms(_Monitor):
                 values += [N.dead_fraction([st.alive]), N.dead_fraction(hist)]
             if st.saturated is not None:
                 values.append(st.saturated.float() / max(st.numel, 1))
-            run.stage((self.name, name), torch.stack([v.float() for v in values]))
+            if values:
+                run.stage((self.name, name), torch.stack([v.float() for v in values]))
         self._stats = {}
         self._input = None
 
@@ -315,8 +323,9 @@ class _ActivationNorms(_Monitor):
         if not self._staged_order:
             return []
         stats = []
-        for name in self._staged_order:
-            v = host[(self.name, name)]
+        rms = host[(self.name, "rms")]
+        for i, name in enumerate(self._staged_order):
+            v = [rms[i], *host.get((self.name, name), [])]
             kind = self.kinds.get(name, "")
             dead = kind == "relu" and len(v) >= 3
             stats.append(

@@ -77,6 +77,13 @@ class NormCheck(_NormCheckBase):
             ``normcheck/profile_<kind>.png``, ``normcheck_profiles/<kind>.png`` in a local ``log_dir``. Drawn
             at the first logging step past step 20, at the end of fit and at most every 5 minutes in between
             (1-3 s each time: at most 1% of the wall time). Without matplotlib: no pictures, one info line.
+        max_overhead: the largest share of the training step time the per-layer measurements of sampled steps may
+            take, averaged over steps (default 0.03; ``None``: no budget). NormCheck clocks its own hooks; when
+            they take more, the per-layer cadence is stretched (to a multiple of ``log_every_n_steps``, at most
+            every 1000 steps), logged as ``normcheck/cadence`` and said once in an info line; it comes back down
+            when the share falls well below the budget. Never stretched: the total gradient norm of every step
+            (``normcheck/grad_norm/total``, the part NormCheck costs on every step, not counted) and the dense
+            sampling of the first 20 steps.
 
     Raises:
         ValueError: an argument is out of range (the message names it, the value and what is allowed).
@@ -96,6 +103,7 @@ class NormCheck(_NormCheckBase):
                 log_every_n_steps: 25
                 exclude_types: [LayerNorm]
                 stop_on: error          # stop a doomed run at its first error finding
+                max_overhead: 0.05      # per-layer measurements may take 5% of the step time (null: no budget)
                 thresholds:
                   activations: {dead_fraction: 0.7}
     """
@@ -129,6 +137,7 @@ class NormCheck(_NormCheckBase):
         thresholds: Thresholds | None = None,
         stop_on: Literal["warning", "error"] | None = None,
         depth_profiles: bool = True,
+        max_overhead: float | None = 0.03,
     ) -> None:
         owner = type(self).__name__
         thresholds = _with_shortcuts(owner, thresholds, spike_factor, high_clip_rate)
@@ -138,6 +147,7 @@ class NormCheck(_NormCheckBase):
             thresholds=thresholds,
             stop_on=stop_on,
             depth_profiles=depth_profiles,
+            max_overhead=max_overhead,
         )
         th = self.thresholds
         for arg, val in (
