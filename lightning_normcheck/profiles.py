@@ -46,6 +46,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "update_ratio": ("update / weight ratio by depth", "|step update| / |weights|"),
 }
 
+#: Most layer names written under a profile (a model of hundreds of layers gets every k-th, and the marked ones).
+MAX_TICKS = 40
 #: Sampled steps kept per kind before the history is thinned (every other one dropped, the first and latest
 #: always kept): memory stays bounded on any run length.
 MAX_KEPT = 64
@@ -153,12 +155,16 @@ def figure(profile: Profile) -> Any:
     from matplotlib.figure import Figure
 
     n = len(profile.layers)
+    # at most MAX_TICKS named ticks (every k-th layer, and every marked one): drawing 450 rotated labels took
+    # most of a 450-module model's ~1.2 s a figure
+    every = max(1, math.ceil(n / MAX_TICKS))
+    ticks = [i for i, name in enumerate(profile.layers) if i % every == 0 or name in profile.marked]
     # fixed margins instead of tight_layout, which draws the figure once more to measure it (measured: 0.20 s ->
     # 0.12 s for 33 layers); the room under the plot grows with the longest layer name (rotated tick labels of
     # ~0.048 in of height per character at 7-8 pt)
-    longest = max((len(name) for name in profile.layers), default=4)
+    longest = max((len(profile.layers[i]) for i in ticks), default=4)
     label_in, left_in = 0.35 + 0.048 * longest, max(0.65, 0.026 * longest)  # the first label leans left
-    width, height = max(6.0, min(16.0, 0.35 * n + 3)) + left_in - 0.65, 3.0 + label_in
+    width, height = max(6.0, min(16.0, 0.35 * len(ticks) + 3)) + left_in - 0.65, 3.0 + label_in
     fig = Figure(figsize=(width, height), dpi=100)
     fig.subplots_adjust(left=left_in / width, right=1 - 0.15 / width, top=1 - 0.35 / height, bottom=label_in / height)
     ax = fig.add_subplot()
@@ -168,15 +174,19 @@ def figure(profile: Profile) -> Any:
         style = styles[i] if len(profile.steps) == 3 else styles[-len(profile.steps) + i]
         pos = [(x, v) for x, v in zip(xs, values) if math.isfinite(v) and v > 0]
         if pos:
-            ax.plot([x for x, _ in pos], [v for _, v in pos], style, label=f"step {step}", markersize=4)
+            ax.plot(
+                [x for x, _ in pos], [v for _, v in pos], style, label=f"step {step}", markersize=4 if n <= 60 else 1.5
+            )
     for name in profile.marked:
         x = profile.layers.index(name)
         ax.axvspan(x - 0.4, x + 0.4, color="tab:red", alpha=0.15, lw=0)
     ax.set_yscale("log")
     ax.set_title(profile.title + (" (red: layers named in a finding)" if profile.marked else ""), fontsize=10)
     ax.set_ylabel(KINDS[profile.kind][1], fontsize=9)
-    ax.set_xticks(xs)
-    ax.set_xticklabels(profile.layers, rotation=60, ha="right", fontsize=7 if n > 12 else 8)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([profile.layers[i] for i in ticks], rotation=60, ha="right", fontsize=7 if n > 12 else 8)
+    if every > 1:
+        ax.set_xlabel(f"{n} layers in forward order (every {every}th named)", fontsize=8)
     for label in ax.get_xticklabels():
         if label.get_text() in profile.marked:
             label.set_color("tab:red")
