@@ -105,8 +105,8 @@ def test_healthy_run_profiles_match_torch_images_in_tensorboard_and_csv(tmp_path
     assert tags <= set(ea.Tags()["images"])
     for tag in tags:
         images = ea.Images(tag)
-        # the first logging step past the dense start (21), then the end of fit (the interval is 5 minutes)
-        assert [im.step for im in images] == [21, 29]
+        # the end of fit only: the first pictures during a fit come 5 minutes after its start
+        assert [im.step for im in images] == [29]
         assert check_png(images[-1].encoded_image_string) == (images[-1].height, images[-1].width)
     for kind in profiles.KINDS:
         for log_dir in (csv_logger.log_dir, tb.log_dir):

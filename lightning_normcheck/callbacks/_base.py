@@ -47,12 +47,12 @@ log = logging.getLogger("lightning_normcheck")
 #: ``max_overhead`` or without pictures finds its state.
 COSMETIC_ARGS = frozenset({"print_summary", "stop_on", "depth_profiles", "max_overhead"})
 
-#: Depth-profile images (:meth:`_NormCheckBase._update_profiles`): the four kinds drawn and written to a
-#: TensorBoard and a CSV logger took 0.8-1.2 s for an 8-layer MLP and 2.5-3.3 s for 82 layers (busy 2-core CPU,
-#: matplotlib Agg); feeding the book costs 0.02-0.13 ms per logging step. So the pictures are written at the first
-#: logging step past the dense early steps, at the end of fit (and on an exception), and in between no sooner than
-#: PROFILE_INTERVAL_S seconds after the last ones nor than PROFILE_COST_FACTOR times what those took: at most 1% of
-#: the wall time, whatever the model and the logging cadence.
+#: Depth-profile images (:meth:`_NormCheckBase._update_profiles`): drawing the four kinds and writing them to a
+#: TensorBoard and a CSV logger takes 0.5-1.5 s (hook_time.py's three models, 2-core CPU, matplotlib Agg);
+#: feeding the book costs 0.02-0.13 ms per logging step. So the pictures are written at the end of fit (and on an
+#: exception), and during the fit at a logging step once PROFILE_INTERVAL_S seconds have passed since the start
+#: and since the last ones, and no sooner than PROFILE_COST_FACTOR times what those took: at most 1% of the wall
+#: time, whatever the model and the logging cadence (a run shorter than that interval draws once, at its end).
 PROFILE_INTERVAL_S = 300.0
 PROFILE_COST_FACTOR = 100.0
 _said_no_matplotlib = False  # the "no matplotlib" info line is said once per process
@@ -405,7 +405,9 @@ class _NormCheckBase(_Isolation, Callback):
             self._book = None
             rank_zero_warn(failure_message("the depth profiles", err), category=RuntimeWarning)
             return
-        if step >= EARLY_STEPS and (self._images_next is None or time.monotonic() >= self._images_next):
+        if self._images_next is None:  # the first pictures: PROFILE_INTERVAL_S after the start of fit
+            self._images_next = time.monotonic() + PROFILE_INTERVAL_S
+        if step >= EARLY_STEPS and time.monotonic() >= self._images_next:
             self._write_profiles(run, step)
 
     def _write_profiles(self, run: _Run, step: int, final: bool = False) -> None:

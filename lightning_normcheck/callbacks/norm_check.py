@@ -75,8 +75,9 @@ class NormCheck(_NormCheckBase):
             depth at the first, a middle and the latest sampled step) and, when matplotlib is installed, draw it
             for every logger: TensorBoard images ``normcheck/profile/<kind>``, W&B images, MLflow artifacts
             ``normcheck/profile_<kind>.png``, ``normcheck_profiles/<kind>.png`` in a local ``log_dir``. Drawn
-            at the first logging step past step 20, at the end of fit and at most every 5 minutes in between
-            (1-3 s each time: at most 1% of the wall time). Without matplotlib: no pictures, one info line.
+            at the end of fit (and on an exception) and during it every 5 minutes at most, the first 5 minutes
+            after the start (0.5-1.5 s each time: at most 1% of the wall time). Without matplotlib: no pictures,
+            one info line.
         max_overhead: the largest share of the training step time the per-layer measurements of sampled steps may
             take, averaged over steps (default 0.03; ``None``: no budget). NormCheck clocks its own hooks; when
             they take more, the per-layer cadence is stretched (to a multiple of ``log_every_n_steps``, at most
