@@ -104,10 +104,6 @@ def test_a_tight_budget_stretches_the_cadence_and_keeps_every_total(
     # the weight monitor measures on sampled steps only, not on every logging step
     assert sorted(s for s, r in rows.items() if "normcheck/weight_norm/net.5.fc" in r) == sampled
     assert not [s for s in sampled if s >= min(stretched) + 1]  # a cadence of 100+ samples none of the rest
-    # the flushes (each logs its cadence) stretch with it, to every 50 steps at most: the totals above are still
-    # there for every step, logged in batches; the end of fit flushes what is left
-    late = sorted(s for s in cadence if s > min(stretched))
-    assert late and all(s % 50 == 0 or s == steps - 1 for s in late), late
     # said once, as an info line (not a finding)
     said = [r for r in caplog.records if r.name == "lightning_normcheck" and "normcheck/cadence" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.INFO

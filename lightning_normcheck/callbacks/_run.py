@@ -33,9 +33,6 @@ if TYPE_CHECKING:
 #: Steps below this are sampled densely so that a problem present from the start is reported
 #: within the first 20 optimizer steps, whatever ``log_every_n_steps`` is.
 EARLY_STEPS = 20
-#: The longest logging cadence an overhead budget may stretch flushes to (the Trainer's default
-#: ``log_every_n_steps``): the totals of every step are still logged, in batches of at most this many steps.
-MAX_LOG_CADENCE = 50
 
 
 def compiled_prefixes(module: torch.nn.Module) -> list[str]:
@@ -202,24 +199,9 @@ class _Run:
         return step < EARLY_STEPS and (step < 4 or step % 2 == 0)
 
     def is_log_step(self, step: int) -> bool:
-        """Whether ``step`` is a logging step (a flush: the totals of the steps since the last one are logged at
-        their own steps, the diagnosis runs): every :meth:`log_cadence` steps, and densely below ``EARLY_STEPS``;
-        every sampled step is one."""
-        if step < EARLY_STEPS and (step < 4 or step % 2 == 0):
-            return True
-        return step % self.log_cadence(step) == 0
-
-    def log_cadence(self, step: int) -> int:
-        """The logging cadence at ``step``: the one asked for; when an overhead budget has stretched the sampling
-        cadence, the flushes stretch with it (each costs a host transfer and the diagnosis: ~1.5 ms, measured at
-        ``log_every_n_steps=1``) but only up to ``MAX_LOG_CADENCE`` steps, so findings and ``stop_on`` keep a
-        bounded latency; always a divisor of the sampling cadence and a multiple of the asked one."""
-        every, base = self.cadence(step), self.base_every
-        if every == base:
-            return base
-        k = every // base
-        cap = max(1, MAX_LOG_CADENCE // base)
-        return base * max(d for d in range(1, min(k, cap) + 1) if k % d == 0)
+        """Whether ``step`` is a logging step: every ``base_every`` steps (the cadence asked for, which a budget never
+        stretches), and densely below ``EARLY_STEPS``; every sampled step is one."""
+        return step % self.base_every == 0 or step < EARLY_STEPS and (step < 4 or step % 2 == 0)
 
     def cadence(self, step: int) -> int:
         """The per-layer sampling cadence that applies to ``step`` (the dense early steps aside)."""
