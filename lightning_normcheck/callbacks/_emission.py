@@ -189,8 +189,9 @@ def add_cadence(rows: dict[int, dict[str, float]], step: int, every: int) -> Non
 
 
 def log_rows(loggers: Sequence[Any], rows: dict[int, dict[str, float]]) -> None:
-    """One ``logger.log_metrics(row, step=step)`` call per logger per step: Lightning's logger API (one event per
-    step for a TensorBoard logger, see :func:`_tensorboard_file`)."""
+    """One ``logger.log_metrics(row, step=step)`` call per logger per step (Lightning's logger API), except for a
+    plain TensorBoardLogger, which gets the row as one event written to its file writer (see
+    :func:`_tensorboard_file`; ``log_metrics`` again if that fails)."""
     for logger in loggers:
         events = _tensorboard_file(logger)
         for s, row in rows.items():
