@@ -336,8 +336,10 @@ class StepTimer(Callback):
         return [b[k] - a[k] for a, b in zip(self.marks, self.marks[1:])]
 
 
-def run_once(spec: ModelSpec, config: Config, cadence: int, warmup: int, window: int, logdir: str) -> dict[str, Any]:
-    """One fit; the seconds of each timed step, by wall clock and by thread CPU time (``cpu``, ``wall``), the
+def run_once(
+    spec: ModelSpec, config: Config, cadence: int, warmup: int, window: int, logdir: str, clip: float | None = CLIP
+) -> dict[str, Any]:
+    """One fit (``clip``: the Trainer's ``gradient_clip_val``, by norm; None: no clipping); the seconds of each timed step, by wall clock and by thread CPU time (``cpu``, ``wall``), the
     start-up (``startup_cpu``, ``startup_wall``) and, for NormCheck, its per-layer cadence at the end (``cadence``)."""
     torch.manual_seed(0)
     model = LitBench(spec.build(), recipe=config.recipe)
@@ -351,7 +353,7 @@ def run_once(spec: ModelSpec, config: Config, cadence: int, warmup: int, window:
         max_epochs=1,
         logger=TensorBoardLogger(logdir, name=f"{spec.name}_{config.name}_{cadence}"),
         log_every_n_steps=cadence,
-        gradient_clip_val=CLIP,
+        gradient_clip_val=clip,
         callbacks=[timer, *callbacks],
         enable_progress_bar=False,
         enable_model_summary=False,
