@@ -120,6 +120,8 @@ class _ActivationNorms(_Monitor):
         self._window_samples = 0
         self.last_order: list[str] = []
         self._staged_order: list[str] = []
+        self._staged_dead: list[str] = []  # the modules of the staged dead fractions, in order
+        self._staged_saturated: list[str] = []  # ... and of the staged saturated fractions
         self._staged_input = False
         self.init_stats: InitStats | None = None
         # under DDP (see _collect_together)
@@ -300,19 +302,26 @@ class _ActivationNorms(_Monitor):
             squares = torch.stack([t.to(device=device, dtype=wide) for t in sums])  # type: ignore[union-attr]
             counts = torch.tensor([max(self._stats[name].numel, 1) for name in order], dtype=wide, device=device)
             run.stage((self.name, "rms"), (squares / counts).sqrt())
-        for name in order:
-            st = self._stats[name]
-            values = []
-            if st.alive is not None:
-                # a sliding window of the last `window` sampled batches: a unit is dead if it never fired in any
-                hist = self._window_alive.setdefault(name, [])
-                keep = [a for a in hist if a.shape == st.alive.shape]
-                hist[:] = keep[max(0, len(keep) - self.window + 1) :] + [st.alive]
-                values += [N.dead_fraction([st.alive]), N.dead_fraction(hist)]
-            if st.saturated is not None:
-                values.append(st.saturated.float() / max(st.numel, 1))
-            if values:
-                run.stage((self.name, name), torch.stack([v.float() for v in values]))
+        # dead and saturated fractions of all modules as a few vectors: a few tensors per module made this collect
+        # 5.3 ms a flush on the 450-module benchmark stack, 2.9 ms as vectors (2-core CPU)
+        relu = [name for name in order if self._stats[name].alive is not None]
+        for name in relu:
+            # a sliding window of the last `window` sampled batches: a unit is dead if it never fired in any
+            alive = self._stats[name].alive
+            hist = self._window_alive.setdefault(name, [])
+            keep = [a for a in hist if a.shape == alive.shape]  # type: ignore[union-attr]
+            hist[:] = keep[max(0, len(keep) - self.window + 1) :] + [alive]  # type: ignore[list-item]
+        self._staged_dead = relu
+        if relu:
+            batch, window = _dead_fractions([self._window_alive[name] for name in relu])
+            run.stage((self.name, "dead_batch"), batch)
+            run.stage((self.name, "dead_window"), window)
+        bounded = [name for name in order if self._stats[name].saturated is not None]
+        self._staged_saturated = bounded
+        if bounded:
+            counts = torch.stack([self._stats[name].saturated.float() for name in bounded])  # type: ignore[union-attr]
+            sizes = torch.tensor([max(self._stats[name].numel, 1) for name in bounded], device=counts.device)
+            run.stage((self.name, "saturated"), counts / sizes)
         self._stats = {}
         self._input = None
 
@@ -324,19 +333,25 @@ class _ActivationNorms(_Monitor):
             return []
         stats = []
         rms = host[(self.name, "rms")]
+        dead = dict(
+            zip(
+                self._staged_dead,
+                zip(host.get((self.name, "dead_batch"), []), host.get((self.name, "dead_window"), [])),
+            )
+        )
+        saturated = dict(zip(self._staged_saturated, host.get((self.name, "saturated"), [])))
         for i, name in enumerate(self._staged_order):
-            v = [rms[i], *host.get((self.name, name), [])]
             kind = self.kinds.get(name, "")
-            dead = kind == "relu" and len(v) >= 3
+            d = dead.get(name) if kind == "relu" else None
             stats.append(
                 ModuleStat(
                     name,
                     type(self.modules[name]).__name__ if name in self.modules else "",
                     kind,
-                    v[0],
-                    dead_batch=v[1] if dead else None,
-                    dead_window=v[2] if dead else None,
-                    saturated=v[1] if kind == "bounded" and len(v) >= 2 else None,
+                    rms[i],
+                    dead_batch=d[0] if d is not None else None,
+                    dead_window=d[1] if d is not None else None,
+                    saturated=saturated.get(name) if kind == "bounded" else None,
                 )
             )
         self._staged_order = []
@@ -512,6 +527,27 @@ class _ActivationNorms(_Monitor):
                 window=self.window,
             )
         ]
+
+
+def _dead_fractions(windows: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
+    """For each module's window of alive masks (oldest first, the current batch last): the fraction of its units
+    that never fired in the current batch, and in the whole window. A few kernels for all modules together where
+    the windows have one length (the usual case), else one module at a time."""
+    length = len(windows[0])
+    if any(len(w) != length for w in windows):
+        batch = torch.stack([N.dead_fraction(w[-1:]) for w in windows])
+        return batch, torch.stack([N.dead_fraction(w) for w in windows])
+    device = windows[0][-1].device
+    units = [w[-1].numel() for w in windows]
+    segment = torch.repeat_interleave(torch.arange(len(units), device=device), torch.tensor(units, device=device))
+    size = torch.tensor(units, dtype=torch.float32, device=device)  # 0 units: nan, as N.dead_fraction gives
+    per_sample = torch.stack([torch.cat([w[i].reshape(-1) for w in windows]) for i in range(length)])  # (L, units)
+
+    def dead(alive: Tensor) -> Tensor:
+        fired = torch.zeros(len(units), device=device).index_add_(0, segment, alive.float())
+        return 1.0 - fired / size
+
+    return dead(per_sample[-1]), dead(per_sample.any(0))
 
 
 class ActivationNormMonitor(_NormCheckBase):
