@@ -164,11 +164,11 @@ def rms(norms: Tensor, numels: Tensor | Sequence[int]) -> Tensor:
     return norms / numels_t.clamp_min(1.0).sqrt()
 
 
-@torch.no_grad()
 def sum_of_squares(t: Tensor) -> Tensor:
     """Sum of squares of one tensor, reduced in ``float32`` (one kernel; used by forward and gradient hooks).
 
-    Of a DTensor, the sum over this process's shard (a plain tensor): no collective inside a hook.
+    Of a DTensor, the sum over this process's shard (a plain tensor): no collective inside a hook. Of the detached
+    tensor (no graph), without a ``no_grad`` context: entering one costs more than the kernel on a small tensor.
     """
     t = local_tensor(t)
     return torch.linalg.vector_norm(_norm_input(t), 2.0, dtype=_reduce_dtype(t)).square()
@@ -196,7 +196,7 @@ def copy_tensors(tensors: Sequence[Tensor], into: list[Tensor] | None = None) ->
         or any(b.shape != t.shape or b.dtype != t.dtype or b.device != t.device for b, t in zip(into, tensors))
     ):
         return clone_tensors(tensors)
-    torch._foreach_copy_(into, [t.detach() for t in tensors])
+    torch._foreach_copy_(into, list(tensors))  # under no_grad: no graph, no detached views needed
     return into
 
 
@@ -322,7 +322,6 @@ def rms_from_sumsq(sumsq: Tensor, numel: int) -> Tensor:
     return (sumsq / max(int(numel), 1)).sqrt()
 
 
-@torch.no_grad()
 def alive_units(x: Tensor) -> Tensor | None:
     """Boolean mask of the units of a ReLU-like output that are non-zero for at least one example.
 
@@ -330,6 +329,7 @@ def alive_units(x: Tensor) -> Tensor | None:
     """
     if x.dim() < 2:
         return None
+    x = x.detach()
     unit_dim = 1 if x.dim() >= 4 else x.dim() - 1
     return x.movedim(unit_dim, -1).reshape(-1, x.shape[unit_dim]).ne(0).any(0)
 
@@ -339,9 +339,9 @@ def dead_fraction(alive: Sequence[Tensor]) -> Tensor:
     return 1.0 - torch.stack(list(alive)).any(0).float().mean()
 
 
-@torch.no_grad()
 def saturated_count(x: Tensor, low: float, high: float, threshold: float) -> Tensor:
     """How many entries of a bounded activation's output lie within ``1 - threshold`` of its range of a bound."""
+    x = x.detach()
     margin = (high - low) * (1.0 - threshold) / 2.0
     return ((x <= low + margin) | (x >= high - margin)).sum()
 

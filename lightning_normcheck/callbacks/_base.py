@@ -241,6 +241,7 @@ class _NormCheckBase(_Isolation, Callback):
         state["_clip_reuse"] = None
         state["_budget"] = None
         state["_removal_pending"] = []
+        state.pop("_handler_cache", None)  # keyed by object ids of this process
         return state
 
     # public API -------------------------------------------------------------------------------------
@@ -545,6 +546,8 @@ class _NormCheckBase(_Isolation, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         budget, run = self._budget, self._run
+        if run is not None:
+            run.follow_step()
         if budget is not None and run is not None:
             budget.begin_batch(run)
         self._call("on_train_batch_start", batch, batch_idx)

@@ -46,6 +46,23 @@ class _Isolation:
     def _active(self) -> list[_Monitor]:
         return [m for m in self._monitors if m.name not in self._disabled]
 
+    def _handlers(self, method: str) -> list[_Monitor]:
+        """The active monitors that implement the Lightning hook ``method`` (most leave most hooks empty: calling
+        them all costs a Python call each on every step). Cached until a monitor is switched off."""
+        state = (id(self._monitors), id(self._disabled), len(self._disabled))
+        cache = self.__dict__.get("_handler_cache")
+        if cache is None or cache[0] != state:
+            cache = self.__dict__["_handler_cache"] = (state, {})
+        handlers = cache[1].get(method)
+        if handlers is None:
+            from lightning_normcheck.callbacks._base import _Monitor
+
+            base = getattr(_Monitor, method)
+            handlers = cache[1][method] = [
+                m for m in self._active() if getattr(getattr(m, method, None), "__func__", None) is not base
+            ]
+        return handlers
+
     def _disable(self, monitor: _Monitor, error: BaseException, inside_hook: bool = False) -> None:
         if monitor.name in self._disabled:
             return
@@ -98,7 +115,7 @@ class _Isolation:
             self._dispatch(run, method, *args)
 
     def _dispatch(self, run: _Run, method: str, *args: Any) -> None:
-        for m in self._active():
+        for m in self._handlers(method):
             try:
                 getattr(m, method)(run, *args)
             except Exception as err:  # noqa: BLE001 - a monitor must never break training

@@ -145,6 +145,7 @@ class _Run:
         self.cadence_from = 0
         self._earlier_every = self.base_every
         self.is_global_zero = bool(trainer.is_global_zero)
+        self._step_tracker: Any = None  # see follow_step
         # parameter -> layer (owning module) map; named_parameters() already counts tied weights once
         self.layer_names: list[str] = []
         self.param_layer: dict[int, int] = {}
@@ -190,7 +191,27 @@ class _Run:
 
     @property
     def step(self) -> int:
+        """The Trainer's ``global_step`` (optimizer steps), read from its progress counter once
+        :meth:`follow_step` found it (the property walks five objects; the hooks read it ~20 times a step)."""
+        tracker = self._step_tracker
+        if tracker is not None:
+            return tracker.completed  # type: ignore[no-any-return]
         return int(self.trainer.global_step)
+
+    def follow_step(self) -> None:
+        """At each batch start: find the counter behind ``global_step`` (Lightning's optimizer-step progress,
+        updated in place, also on a checkpoint restore) and check it against the property; else use the property."""
+        self._step_tracker = None
+        try:
+            loop = self.trainer.fit_loop.epoch_loop
+            if self.pl_module.automatic_optimization:
+                tracker = loop.automatic_optimization.optim_progress.optimizer.step.total
+            else:
+                tracker = loop.manual_optimization.optim_step_progress.total
+            if tracker.completed == int(self.trainer.global_step):
+                self._step_tracker = tracker
+        except Exception:  # noqa: BLE001 - another loop layout: the property
+            pass
 
     def is_due(self, step: int) -> bool:
         """Whether ``step`` is a sampled step: every :meth:`cadence` steps, and densely below ``EARLY_STEPS``."""
