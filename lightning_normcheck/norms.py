@@ -331,7 +331,8 @@ def alive_units(x: Tensor) -> Tensor | None:
         return None
     x = x.detach()
     unit_dim = 1 if x.dim() >= 4 else x.dim() - 1
-    return x.movedim(unit_dim, -1).reshape(-1, x.shape[unit_dim]).ne(0).any(0)
+    # any() of the values themselves: nonzero (NaN too) is True, as ne(0) gives, without a mask the size of x
+    return x.movedim(unit_dim, -1).reshape(-1, x.shape[unit_dim]).any(0)
 
 
 def dead_fraction(alive: Sequence[Tensor]) -> Tensor:

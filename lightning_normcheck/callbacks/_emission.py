@@ -518,9 +518,22 @@ def merge_descriptions(old: dict[str, Any], new: dict[str, Any]) -> dict[str, An
     return merged
 
 
-def run_text(description: dict[str, Any]) -> str:
+def run_json(description: dict[str, Any]) -> str:
+    """The description as JSON, one line per key and per item of a list of objects (readable, and written by
+    json's C encoder: ``indent=`` takes its pure-Python one, 10 ms a publication for a 450-module model)."""
+    obj = _jsonable(description)
+
+    def value(v: Any) -> str:
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            return "[\n  " + ",\n  ".join(json.dumps(x, sort_keys=True) for x in v) + "\n ]"
+        return json.dumps(v, sort_keys=True)
+
+    return "{\n" + ",\n".join(f" {json.dumps(k)}: {value(obj[k])}" for k in sorted(obj)) + "\n}"
+
+
+def run_text(description: dict[str, Any], encoded: str | None = None) -> str:
     """The description as TensorBoard text: JSON in a code block (readable there, parsed back by the report)."""
-    return "```json\n" + json.dumps(_jsonable(description), indent=1, sort_keys=True) + "\n```"
+    return "```json\n" + (encoded if encoded is not None else run_json(description)) + "\n```"
 
 
 def parse_run_text(text: str) -> dict[str, Any]:
@@ -550,13 +563,14 @@ def publish_run(loggers: Sequence[Any], description: dict[str, Any], step: int, 
         try:
             if kinds & {"MLFlowLogger", "WandbLogger"}:
                 continue
+            encoded = run_json(merged)
             if "TensorBoardLogger" in kinds:
-                logger.experiment.add_text(RUN_KEY, run_text(merged), global_step=step)
+                logger.experiment.add_text(RUN_KEY, run_text(merged, encoded), global_step=step)
             log_dir = getattr(logger, "log_dir", None)
             if isinstance(log_dir, str) and "://" not in log_dir:
                 _ = logger.experiment  # the logger makes its own directory first
                 os.makedirs(log_dir, exist_ok=True)
-                _write(os.path.join(log_dir, RUN_FILE), json.dumps(_jsonable(merged), indent=1, sort_keys=True) + "\n")
+                _write(os.path.join(log_dir, RUN_FILE), encoded + "\n")
         except Exception as err:  # noqa: BLE001 - it goes where the findings go: that logger is skipped from now on
             _give_up(logger, _sent(logger), err)
 
