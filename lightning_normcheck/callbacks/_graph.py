@@ -153,7 +153,7 @@ def oldest_node(grad_fn: Any, marker: int, max_nodes: int = 32) -> Any:
     return None
 
 
-def _leading_size(batch: Any) -> int | None:
+def leading_size(batch: Any) -> int | None:
     """The leading (batch) size of the first tensor with at least one dimension."""
     if isinstance(batch, Tensor):
         return int(batch.shape[0]) if batch.dim() >= 1 else None
@@ -164,7 +164,7 @@ def _leading_size(batch: Any) -> int | None:
     else:
         return None
     for item in items:
-        n = _leading_size(item)
+        n = leading_size(item)
         if n is not None:
             return n
     return None
@@ -224,7 +224,7 @@ def split_batch(batch: Any, min_half: int = MIN_HALF) -> tuple[Any, Any, Any, in
         ``(half_a, half_b, both, m)`` with ``m`` samples per half, or ``None`` when the batch cannot be
         split (no tensors, leading sizes that differ, unknown objects, too small).
     """
-    n = _leading_size(batch)
+    n = leading_size(batch)
     if n is None or n // 2 < min_half:
         return None
     m = n // 2
@@ -234,4 +234,4 @@ def split_batch(batch: Any, min_half: int = MIN_HALF) -> tuple[Any, Any, Any, in
         return None
 
 
-__all__ = ["MIN_HALF", "graph_signature", "loss_scale_factor", "oldest_node", "split_batch"]
+__all__ = ["MIN_HALF", "graph_signature", "leading_size", "loss_scale_factor", "oldest_node", "split_batch"]

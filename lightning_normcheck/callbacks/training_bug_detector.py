@@ -118,7 +118,7 @@ class _TrainingBugs(_Monitor):
     It measures only; the verdicts and messages live in :mod:`lightning_normcheck.diagnosis.bugs`. The loss
     probe runs on the first ``max_loss_probes`` batches it can split (3 by default), whatever the probes say:
     the rules decide once enough agree, and asking them back would put a verdict in the monitor for the price
-    of at most one probe (about two forward passes without gradients) per fit.
+    of at most one probe (one forward pass without gradients) per fit.
     """
 
     name = "training_bugs"
@@ -146,6 +146,8 @@ class _TrainingBugs(_Monitor):
         # closed zero_grad windows: (optimizer label, previous step, step, min stale sq, used sq)
         self._zero_grad: list[tuple[str, int, int, Tensor, Tensor]] = []
         self._probes: list[tuple[int, int, Tensor]] = []  # (step, half size, the three losses)
+        # a probe waiting for its batch's own loss: (step, half size, the halves' losses, batch)
+        self._probe_pending: tuple[int, int, Tensor, int] | None = None
         self._windows: list[AccumulationWindow] = []
         self._staged: tuple[list[tuple[str, int, int]], list[tuple[int, int]]] = ([], [])
         self._probe_runs = 0
@@ -281,6 +283,7 @@ class _TrainingBugs(_Monitor):
     def on_train_batch_start(self, run: _Run, batch: Any, batch_idx: int) -> None:
         self.batches += 1
         self._batch_idx = batch_idx
+        self._probe_pending = None  # its batch ended without a loss (training_step returned None)
         if self.rnn_modules:
             # the autograd sequence number now: any graph node below it was built in an earlier batch
             if self._marker_leaf is None:
@@ -318,12 +321,15 @@ class _TrainingBugs(_Monitor):
 
     # the two-halves loss probe ----------------------------------------------------------------------------
     def _probe_loss(self, run: _Run) -> None:
-        """Re-run ``training_step`` without gradients on two halves of the batch and on both together.
+        """Re-run ``training_step`` without gradients on two halves of the batch; the loss of both together is the
+        batch's own, from the training step that follows (:meth:`on_train_batch_end`): one forward pass fewer. (A
+        batch of odd size has a sample the halves leave out: both halves together are run too.)
 
         Leaves training untouched: RNG states, buffers (BatchNorm running stats) and module attributes are
         restored, ``self.log`` is a no-op meanwhile, and ``run.probing`` tells activation hooks to ignore it.
         """
         split = G.split_batch(self._batch)
+        whole = split is not None and G.leading_size(self._batch) == 2 * split[3]  # the halves make up the batch
         self._batch = None
         if split is None:
             self._probe_failures += 1
@@ -343,7 +349,7 @@ class _TrainingBugs(_Monitor):
         module.__dict__["log_dict"] = _no_log
         try:
             with torch.no_grad(), ctx:
-                for part in (half_a, half_b, both):
+                for part in (half_a, half_b) if whole else (half_a, half_b, both):
                     out = module.training_step(part, self._batch_idx) if takes_idx else module.training_step(part)
                     loss = out.get("loss") if isinstance(out, dict) else out
                     if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -357,7 +363,23 @@ class _TrainingBugs(_Monitor):
             run.probing = False
             _restore(state)
             _set_rng_state(rng)
-        self._probes.append((run.step, m, torch.stack(losses)))
+        if whole:
+            self._probe_pending = (run.step, m, torch.stack(losses), self.batches)
+        else:
+            self._probes.append((run.step, m, torch.stack(losses)))
+
+    def on_train_batch_end(self, run: _Run, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pending, self._probe_pending = self._probe_pending, None
+        if pending is None or pending[3] != self.batches:
+            return
+        # Lightning hands over a detached copy of the loss before any AMP scaling, divided by accumulate_grad_batches
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            self._probe_failures += 1
+            return
+        full = loss.detach().reshape(1).float() * float(getattr(run.trainer, "accumulate_grad_batches", 1) or 1)
+        step, m, halves, _ = pending
+        self._probes.append((step, m, torch.cat([halves.to(full.device), full])))
 
     # the logging step -------------------------------------------------------------------------------------
     def collect(self, run: _Run) -> None:
@@ -507,8 +529,8 @@ class TrainingBugDetector(_NormCheckBase):
       the same optimizer applies the same gradients twice (reported from the second such step,
       ``BugThresholds.double_step_min``; from the first when training then raised).
     - ``loss_sum_reduction`` (warning): automatic optimization only; on the first ``max_loss_probes`` (3)
-      batches that split in two, ``training_step`` is re-run without gradients on two halves of the batch
-      and on both; ``loss(both) / (loss(A) + loss(B))`` is 1.0 for a sum over samples and 0.5 for a mean
+      batches that split in two, ``training_step`` is re-run without gradients on two halves of the batch;
+      with the batch's own loss, ``loss(both) / (loss(A) + loss(B))`` is 1.0 for a sum over samples and 0.5 for a mean
       (two agreeing probes decide, ``BugThresholds.probes_to_agree``).
     - ``accumulation_not_averaged`` (warning): manual optimization; k > 1 ``manual_backward`` calls in k
       batches per optimizer step, with losses that carry no 1/k factor in their autograd graph.
@@ -517,7 +539,7 @@ class TrainingBugDetector(_NormCheckBase):
       through the graph a second time" / "modified by an inplace operation", the finding explains it.
 
     Cost: a few Python calls per backward and step; a few scalar kernels on sampled steps; the loss probe
-    (about two extra forward passes without gradients) on at most ``max_loss_probes`` batches per fit. It
+    (one extra forward pass without gradients, in two halves) on at most ``max_loss_probes`` batches per fit. It
     never changes training: the probe restores RNG states, buffers and module attributes and never logs.
 
     Args:
