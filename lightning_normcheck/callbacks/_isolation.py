@@ -50,7 +50,7 @@ class _Isolation:
         """The active monitors that implement the Lightning hook ``method`` (most leave most hooks empty: calling
         them all costs a Python call each on every step). Cached until a monitor is switched off."""
         state = (id(self._monitors), id(self._disabled), len(self._disabled))
-        cache = self.__dict__.get("_handler_cache")
+        cache: tuple[tuple[int, int, int], dict[str, list[_Monitor]]] | None = self.__dict__.get("_handler_cache")
         if cache is None or cache[0] != state:
             cache = self.__dict__["_handler_cache"] = (state, {})
         handlers = cache[1].get(method)
