@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import LitModel, ManualTwoOpt, fit, loader, regression_data
+from helpers import LitModel, ManualTwoOpt, MemLogger, fit, loader, regression_data
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -430,3 +430,34 @@ def test_headline_values_reach_callback_metrics_for_early_stopping() -> None:
     for step, value in probe.seen.items():
         assert value == pytest.approx(rec.total[step], rel=1e-5)
     assert 0.0 <= float(trainer.callback_metrics["normcheck/clip/rate"]) <= 1.0
+
+
+def test_drift_and_update_of_many_small_layers_match_independent_computation() -> None:
+    """A stack of small same-shaped layers: the weights are snapshotted and compared stacked by shape (a few
+    kernels, not one per tensor); the logged ratios still equal torch.linalg on each layer."""
+    torch.manual_seed(0)
+    blocks = [m for _ in range(12) for m in (nn.Linear(8, 8), nn.LayerNorm(8), nn.Tanh())]
+    model = LitModel(nn.Sequential(nn.Linear(8, 8), *blocks, nn.Linear(8, 1)), lr=0.05)
+    rec, logger = Recorder(), MemLogger()
+    trainer = fit(
+        model,
+        loader(regression_data(), 16),
+        [rec, NormCheck(print_summary=False)],
+        max_steps=12,
+        logger=logger,
+        log_every_n_steps=5,
+    )
+    cb = next(c for c in trainer.callbacks if isinstance(c, NormCheck))
+    wd = next(m for m in cb._monitors if m.name == "weight_drift")
+    assert wd._plan is not None and len(wd._plan.groups) == 2  # the (8, 8) weights; biases and LayerNorm's (8,)
+    rows = {s: r for s, r in logger.rows if any(k.startswith("normcheck/update_ratio/") for k in r)}
+    assert {0, 1, 2, 3, 5, 10} <= set(rows)
+    for step, row in rows.items():
+        for layer in ("net.0", "net.1", "net.2", "net.34", "net.37"):
+            assert row[f"normcheck/update_ratio/{layer}"] == pytest.approx(
+                rec.update[step][layer], rel=1e-4, abs=1e-9
+            ), (step, layer)
+            assert row[f"normcheck/weight_drift/{layer}"] == pytest.approx(
+                rec.drift[step][layer], rel=1e-4, abs=1e-7
+            ), (step, layer)
+    assert min(rec.drift[11].values()) > 0  # the weights moved: the ratios above are not all zero

@@ -231,7 +231,8 @@ def test_failing_optimizer_hook_is_switched_off(monkeypatch: pytest.MonkeyPatch)
     def boom(*args: Any, **kwargs: Any) -> torch.Tensor:
         raise RuntimeError("injected failure in a step post-hook")
 
-    monkeypatch.setattr(N, "sub_norms", boom)
+    monkeypatch.setattr(N, "sub_norms", boom)  # the post-hook's measurement, one tensor at a time ...
+    monkeypatch.setattr(N.NormPlan, "sub_", boom)  # ... and with small tensors stacked
     plain, watched, cb, failed, model = run_pair(DropBN, cls_loader, max_steps=15, logger=logger)
     assert_identical(plain, watched)
     assert "weight_drift" in cb.disabled_monitors

@@ -50,7 +50,10 @@ class _WeightDrift(_Monitor):
         self._routes = run.route_index(self.params) if run.routes is not None else None
         # fast norms of self.params and of any list shaped like it (reference, differences); flush-time only
         self._plan: N.NormPlan | None = N.norm_plan(self._local(self.params))
-        self._ref_norms: tuple[list[Tensor], Tensor] | None = None  # (reference, its per-tensor norms)
+        # (reference, its per-tensor norms, it in self._plan's layout); the reference is fixed: measured once
+        self._ref_norms: tuple[list[Tensor], Tensor, list[Tensor] | None] | None = None
+        # id(optimizer) -> the layout of its snapshots (small tensors stacked; None: one copy per tensor)
+        self._opt_plans: dict[int, N.NormPlan | None] = {}
         # id(optimizer) -> its parameters' indices in self.params (None: some are not in it)
         self._positions: dict[int, Tensor | None] = {}
 
@@ -91,7 +94,10 @@ class _WeightDrift(_Monitor):
                 except Exception as err:  # noqa: BLE001 - reported at the next flush, on every process alike
                     self._error = self._error or err
                 return
-            self._snapshot[key] = N.copy_tensors(params, into=self._buffers.pop(key, None))
+            if key not in self._opt_plans:
+                self._opt_plans[key] = N.norm_plan(params)
+            plan, into = self._opt_plans[key], self._buffers.pop(key, None)
+            self._snapshot[key] = plan.pack(params, into=into) if plan is not None else N.copy_tensors(params, into)
             self._update_step[key] = run.step
 
     def _make_post_hook(self, run: _Run, optimizer: torch.optim.Optimizer) -> Any:
@@ -101,8 +107,12 @@ class _WeightDrift(_Monitor):
                 return
             params, _, _ = run.optimizer_params(opt)
             # the snapshot is ours and done with: the differences go into it
+            plan = self._opt_plans.get(id(opt)) if self._routes is None else None
             try:
-                self._updates[id(opt)] = N.sub_norms(before, self._local(params), inplace=True)
+                if plan is not None:  # the snapshot is a pack of that plan (see on_before_optimizer_step)
+                    self._updates[id(opt)] = plan.packed_norms(plan.sub_(before, params))
+                else:
+                    self._updates[id(opt)] = N.sub_norms(before, self._local(params), inplace=True)
             except Exception as err:  # noqa: BLE001
                 if self._routes is None:
                     raise
@@ -139,13 +149,11 @@ class _WeightDrift(_Monitor):
         per_layer = N.group_norms(w_norms, self.layer_index, n_layers)
         run.stage((self.name, "norm"), per_layer[present])
         if self.reference is not None:
-            cached = getattr(self, "_ref_norms", None)
-            if cached is None or cached[0] is not self.reference:  # the reference is fixed: measure it once
-                cached = self._ref_norms = (self.reference, N.plan_norms(plan, self.reference))
+            cached = self._reference_norms(plan)
             # a kept snapshot buffer (CPU) is free until the next sampled step: the differences go there
             scratch = next(iter(self._buffers.values()), None)
             drift, ref = N.relative_drift(
-                self.params, self.reference, self.layer_index, n_layers, cached[1], plan, scratch
+                self.params, self.reference, self.layer_index, n_layers, cached[1], plan, scratch, cached[2]
             )
             run.stage((self.name, "drift"), (drift / ref.clamp_min(1e-12))[present])
             run.stage((self.name, "start"), ref[present])
@@ -193,11 +201,9 @@ class _WeightDrift(_Monitor):
                     w_norms = N.plan_norms(plan, local)
                 values[(self.name, "norm")] = per_layer(w_norms, self._routes, self.layer_index, present)
                 if self.track_drift and self.reference is not None:
-                    cached = getattr(self, "_ref_norms", None)
-                    if cached is None or cached[0] is not self.reference:  # the reference is fixed: measure it once
-                        cached = self._ref_norms = (self.reference, N.plan_norms(plan, self.reference))
+                    cached = self._reference_norms(plan)
                     scratch = next(iter(self._buffers.values()), None)
-                    drift = N.drift_norms(local, self.reference, plan, scratch)
+                    drift = N.drift_norms(local, self.reference, plan, scratch, cached[2])
                     values[(self.name, "drift")] = per_layer(drift, self._routes, self.layer_index, present)
                     values[(self.name, "start")] = per_layer(cached[1], self._routes, self.layer_index, present)
                 for opt in opts:
@@ -218,6 +224,18 @@ class _WeightDrift(_Monitor):
         run.stage_failure((self.name, "failed"), self._error is not None, device)
         self._staged_updates = [(id(o), self._update_step.get(id(o), run.step)) for o in opts]
         self._updates = {}
+
+    def _reference_norms(self, plan: N.NormPlan | None) -> tuple[list[Tensor], Tensor, list[Tensor] | None]:
+        """The reference, its per-tensor norms and it packed in ``plan``'s layout (the reference is fixed: once)."""
+        assert self.reference is not None
+        cached = getattr(self, "_ref_norms", None)
+        if cached is None or cached[0] is not self.reference:
+            packed = plan.pack(self.reference, share_big=True) if plan is not None else None
+            norms = (
+                plan.packed_norms(packed) if plan is not None and packed is not None else N.tensor_norms(self.reference)
+            )
+            cached = self._ref_norms = (self.reference, norms, packed)
+        return cached
 
     def _update_ratios(self, run: _Run, opt: torch.optim.Optimizer, upd: Tensor, w_norms: Tensor) -> Tensor:
         """Per-layer ``||update|| / ||w_after||`` of one optimizer's parameters (the layers it trains)."""
