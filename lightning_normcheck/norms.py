@@ -298,8 +298,8 @@ class NormPlan:
     ) -> list[Tensor]:
         """``tensors`` (shaped like the plan's) in the plan's layout: each big one on its own, then each group of
         small ones stacked into one tensor, so that copying, subtracting and measuring hundreds of small tensors
-        takes a few kernels instead of one each (600 small parameters: 3.9 ms to subtract and measure one by one,
-        see benchmarks/HOOK_TIME.md for the stacked figure).
+        takes a few kernels instead of one each (the 600 small parameters of a 450-module stack, 2-core CPU:
+        subtract and measure 4.1 ms one by one, 0.95 ms stacked).
 
         A copy, written into ``into`` (a pack of a plan of the same layout) when it fits, else new; ``share_big``:
         the big tensors themselves, not copies (for a pack that is only read: a reference copy). Under ``no_grad``:
