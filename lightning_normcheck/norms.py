@@ -321,6 +321,25 @@ class NormPlan:
         )
 
     @torch.no_grad()
+    def diff(
+        self, tensors: Sequence[Tensor], reference: list[Tensor], into: list[Tensor] | None = None
+    ) -> list[Tensor]:
+        """``tensors - reference`` (a pack of this layout) as a pack, written into ``into`` when it fits: one pass
+        over each big tensor (``torch.sub`` with ``out=``), not a copy and a subtraction (the drift of 2.1 M floats
+        with its norms, inside a training run on a 2-core CPU: 1.2-1.5 ms -> 1.0-1.1 ms)."""
+        nb = len(self.big)
+        if into is None or not self.fits(into):
+            head = torch._foreach_sub([tensors[i] for i in self.big], reference[:nb]) if nb else []
+            return list(head) + [
+                torch.stack([tensors[i] for i in g]).sub_(r) for g, r in zip(self.groups, reference[nb:])
+            ]
+        for k, i in enumerate(self.big):
+            torch.sub(tensors[i], reference[k], out=into[k])
+        for buf, g, r in zip(into[nb:], self.groups, reference[nb:]):
+            torch.stack([tensors[i] for i in g], out=buf).sub_(r)
+        return into
+
+    @torch.no_grad()
     def sub_(self, pack: list[Tensor], tensors: Sequence[Tensor]) -> list[Tensor]:
         """``pack -= tensors`` in place (``tensors`` as given to :meth:`pack`); returns ``pack``."""
         nb = len(self.big)
@@ -557,10 +576,10 @@ def drift_norms(
     ``reference_pack`` (the reference packed once) when given. Without one, into ``scratch`` when it has the
     shapes of ``params``."""
     if plan is not None and len(params) == plan.count and len(reference) == plan.count:
-        diffs = plan.pack(params, into=scratch)
         ref = reference_pack if reference_pack is not None and plan.fits(reference_pack) else None
-        torch._foreach_sub_(diffs, ref if ref is not None else plan.pack(reference, share_big=True))
-        return plan.packed_norms(diffs)
+        return plan.packed_norms(
+            plan.diff(params, ref if ref is not None else plan.pack(reference, share_big=True), scratch)
+        )
     diffs = copy_tensors(params, into=scratch)
     torch._foreach_sub_(diffs, [r.detach() for r in reference])
     return plan_norms(plan, diffs)

@@ -80,6 +80,7 @@ def test_drift_norms_with_a_plan_match_torch() -> None:
     plan = NormPlan(now)
     want = torch.stack([torch.linalg.vector_norm(a - b) for a, b in zip(now, ref)])
     for scratch in (None, plan.pack(now), [torch.zeros(3)]):  # none, a fitting pack, one that does not fit
-        got = N.drift_norms(now, ref, plan, scratch, plan.pack(ref, share_big=True))
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        for ref_pack in (plan.pack(ref, share_big=True), None):  # packed once by the caller, or here
+            got = N.drift_norms(now, ref, plan, scratch, ref_pack)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(N.drift_norms(now, ref), want, rtol=1e-4, atol=1e-7)  # without a plan
