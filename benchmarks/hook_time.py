@@ -147,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(B.MODELS))
     p.add_argument("--cadences", default="50,1")
     p.add_argument("--clips", default=f"{B.CLIP:g},none", help="gradient_clip_val values; none: no clipping")
+    p.add_argument("--repeats", type=int, default=None, help="repeats per row (default 3; --quick: 2)")
     p.add_argument("--out", default=str(HERE / "HOOK_TIME.md"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    repeats = 2 if args.quick else 3
+    repeats = args.repeats or (2 if args.quick else 3)
     rows = []
     t_start = time.time()
     for cadence in [int(c) for c in args.cadences.split(",")]:
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Machine: {B.machine()}.",
         "",
-        f"Command: `python benchmarks/hook_time.py{' --quick' if args.quick else ''}` ({repeats} repeats, finished "
+        f"Command: `python benchmarks/hook_time.py{' '.join([''] + (argv if argv is not None else sys.argv[1:]))}`"
+        f" ({repeats} repeats, finished "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {time.time() - t_start:.0f} s). CPU time of the "
         "training thread per step over the timed window, inside the callback's hooks and the Trainer's clipping "
         "(`precision_plugin.clip_gradients`, when on), outermost call only: for `NormCheck()` and for the floor (a "

