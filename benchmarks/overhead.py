@@ -541,8 +541,8 @@ def startup_table(results: dict[str, Any], clock: str) -> list[str]:
     for m in results["models"]:
         for cadence in results["cadences"]:
             cells = results["cells"][m].get(str(cadence), {})
-            if "normcheck" not in cells:
-                continue
+            if "normcheck" not in cells or "startups" not in cells["normcheck"][clock]:
+                continue  # a cell kept by --update from a run that did not time the start-up
             none, nc = cells["none"][clock], cells["normcheck"][clock]
             floor = cells.get("floor", {}).get(clock)
             lo, hi = min(nc["startups"]), max(nc["startups"])
@@ -652,7 +652,7 @@ def goals(results: dict[str, Any], clock: str) -> list[str]:
             "logging step, comes on top)"
         )
     cell = results["cells"].get("stack450", {}).get(default, {})
-    if "normcheck" in cell:
+    if "normcheck" in cell and "startup" in cell["normcheck"][clock] and "startup" in cell["none"][clock]:
         extra = cell["normcheck"][clock]["startup"] - cell["none"][clock]["startup"]
         verdict = "holds" if extra <= 0.5 else "MISSED"
         out.append(
