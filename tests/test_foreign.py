@@ -9,6 +9,7 @@ bit-identical, the loss rising, a raw feature's max |x| computed with numpy). Th
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -114,8 +115,11 @@ def test_bert_classifier_fine_tuned_to_convergence_is_silent(steps: int, seed: i
     pytest.importorskip("transformers")
     o, acc = bert_run(seed, steps)
     assert acc >= 0.95, f"seed {seed}: held-out accuracy {acc:.3f}"
-    # measured 0.003-0.01 at 400 steps, 0.009-0.023 at 300 (the loss ~0.69 -> ~0.002)
-    assert o.learned() < 0.05, f"seed {seed} must converge: last/first loss {o.learned():.3f}"
+    # the median of the last 10 losses over the first 5: a hard example takes one batch's loss to 0.2-0.5 at any
+    # time (above), which a mean of the last few is not robust to (seed 1, 300 steps, one thread: 0.222 two steps
+    # before the end made the mean of the last 5 0.085 of the start; the median of the last 10: 0.021)
+    learned = statistics.median(o.losses[-10:]) / statistics.mean(o.losses[:5])
+    assert learned < 0.05, f"seed {seed} must converge: last/first loss {learned:.3f}"
     assert_silent(o, f"BERT fine-tuned {steps} steps, seed {seed}")
 
 
