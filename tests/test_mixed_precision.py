@@ -8,6 +8,7 @@ and Lightning unscales the gradients before ``on_before_optimizer_step``.
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 import lightning as L
@@ -165,3 +166,52 @@ def test_skipped_steps_do_not_explain_an_exception() -> None:
     rules.explain(TrainingError(step=2, type_name="RuntimeError", text="CUDA out of memory"))
     (f,) = rules.log.findings
     assert f.severity == "info" and "Training then raised" not in f.message
+
+
+class _Denormalized(torch.nn.Module):
+    """A regression net that de-normalizes its output to the labels' scale (y ~ 1000 +- 30): the loss is on the
+    residual's scale, not the squared label scale, so label_scale must stay silent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * 10.0 + 1000.0
+
+
+def test_the_loss_is_judged_unscaled_under_the_scaler() -> None:
+    """Lightning hands on_before_backward the loss times the GradScaler's scale (2**16): the rules must see the
+    loss the training step returned (before the fix, the scaled loss made this healthy run a label_scale warning)."""
+    from lightning_normcheck.diagnosis.records import BatchSample, LossSeries
+
+    ds = regression_data()
+    x, y = ds.tensors
+    torch.manual_seed(0)
+    model = LitModel(_Denormalized(), lr=1e-2, optimizer="adam")
+    rec, cb, mem = Recorder(), NormCheck(print_summary=False), MemLogger()
+    seen: list[Any] = []
+    observe = cb._observe
+    cb._observe = lambda step, records: (seen.extend(records), observe(step, records))[1]  # type: ignore[method-assign]
+    # init_scale 2**8: at the default 2**16 this loss (~800) overflows fp16 gradients for 11 steps in a row while
+    # the scaler backs off, which nonfinite_gradients reports on its own (not what this test is about)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    fit(
+        model,
+        loader(torch.utils.data.TensorDataset(x, 1000.0 + 10.0 * y), 16, shuffle=True),
+        [rec, cb],
+        max_steps=40,
+        logger=mem,
+        log_every_n_steps=10,
+        plugins=[_fp16(scaler)],
+    )
+    assert scaler.get_scale() >= 16.0  # the loss was scaled throughout (halved on each skipped step)
+    assert not bad(cb.findings), [f.message for f in bad(cb.findings)]
+    series = {s: v for r in seen if isinstance(r, LossSeries) for s, v in zip(r.steps, r.values)}
+    assert sorted(series) == list(range(40))
+    for step, value in series.items():
+        assert value == pytest.approx(rec.loss[step], rel=1e-3), step
+    batch = [r for r in seen if isinstance(r, BatchSample) and r.loss is not None]
+    assert batch and all(r.loss == pytest.approx(rec.loss[r.step], rel=1e-3) for r in batch)
+    assert any(r.target is not None and r.target.median_abs > 300 for r in batch)  # label_scale was judged
+    assert statistics.mean(rec.loss[s] for s in range(35, 40)) < 0.5 * statistics.mean(rec.loss[s] for s in range(5))

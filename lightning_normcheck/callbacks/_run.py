@@ -182,6 +182,26 @@ class _Run:
         #: measure gradients as torch's clip_grad_norm_ does (:func:`~lightning_normcheck.norms.clip_norms`), so
         #: that Lightning's clip by norm can reuse the total; set by :mod:`._clip_reuse` when clipping by norm is on
         self.exact_norms = False
+        # the loss scaler of fp16 AMP (Lightning's MixedPrecision / FSDP precision plugins), when enabled: the loss
+        # that reaches on_before_backward is multiplied by its scale (see unscaled_loss)
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        enabled = getattr(scaler, "is_enabled", None)
+        self._scaler = scaler if scaler is not None and (not callable(enabled) or enabled()) else None
+
+    def unscaled_loss(self, loss: Tensor) -> Tensor:
+        """The loss as the training step returned it, detached. Under fp16 AMP Lightning hands ``on_before_backward``
+        the loss times the GradScaler's scale (``precision_plugin.pre_backward`` scales before it calls the hooks);
+        divided back here by the scale tensor on the device, now (the scaler updates that tensor in place after the
+        optimizer step): no host read. A scaler without a scale tensor: read with ``get_scale()``."""
+        loss = loss.detach()
+        scaler = self._scaler
+        if scaler is None:
+            return loss
+        scale = getattr(scaler, "_scale", None)
+        if isinstance(scale, Tensor):
+            return loss.float() / scale.to(loss.device).reshape(()).float()
+        get = getattr(scaler, "get_scale", None)
+        return loss.float() / float(get()) if callable(get) else loss
 
     @property
     def pl_module(self) -> pl.LightningModule:

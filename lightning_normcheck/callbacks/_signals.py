@@ -274,7 +274,7 @@ class _BatchScale(_Monitor):
         scale = 1.0
         if run.pl_module.automatic_optimization:  # Lightning divided the loss by accumulate_grad_batches
             scale = float(getattr(run.trainer, "accumulate_grad_batches", 1) or 1)
-        self._stats[("loss",)] = loss.detach().float().reshape(()) * scale
+        self._stats[("loss",)] = run.unscaled_loss(loss).float().reshape(()) * scale  # fp16 AMP: passed scaled
 
     def on_train_batch_end(self, run: _Run, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._together = run.flush_due  # every rank flushes at the end of this batch

@@ -60,7 +60,7 @@ class _GradientNorms(_Monitor):
 
     def on_before_backward(self, run: _Run, loss: torch.Tensor) -> None:
         # hot path: only queue the loss; it is checked on the device at the next flush (no sync, no kernel)
-        self._losses.append((run.step, loss.detach()))
+        self._losses.append((run.step, run.unscaled_loss(loss)))  # fp16 AMP: Lightning passes it scaled
         if len(self._losses) >= 1024:  # no flush for that long (raw optimizer steps): check now, keep memory flat
             self._check_losses()
 
