@@ -23,6 +23,8 @@ Key                                            Record
 ``normcheck/findings/<severity>``              the findings so far of each severity (``info``, ``warning``,
                                                ``error``), at each logging step (:func:`finding_counts`)
 ``normcheck/cadence``                          the per-layer sampling cadence (``max_overhead``)
+``normcheck/amp/scale``                        :class:`GradientTotals`: the fp16 GradScaler's loss scale at the
+                                               logging step (only with an enabled scaler)
 =============================================  ====================================================
 
 Findings go to each logger's own place for text (:func:`publish_findings`):
@@ -97,6 +99,7 @@ from lightning_normcheck.diagnosis.registry import REGISTRY, SEVERITIES
 
 PREFIX = "normcheck/"
 TOTAL_KEY = "normcheck/grad_norm/total"
+AMP_SCALE_KEY = "normcheck/amp/scale"
 CLIP_RATE_KEY = "normcheck/clip/rate"
 CLIP_THRESHOLD_KEY = "normcheck/clip/threshold"
 #: ``normcheck/findings/<severity>``: how many findings of each severity exist at a logging step.
@@ -168,6 +171,8 @@ def metric_rows(records: Iterable[Record], step: int) -> dict[int, dict[str, flo
         if isinstance(r, GradientTotals):
             for s, v in zip(r.steps, r.totals):
                 rows.setdefault(s, {})[TOTAL_KEY] = v
+            if r.scale is not None:  # the report's nonfinite rule reads it back (amp_scale_floor)
+                rows.setdefault(step, {})[AMP_SCALE_KEY] = r.scale
         else:
             _metrics(r, rows.setdefault(step, {}))
     return {s: row for s, row in sorted(rows.items()) if row}
@@ -684,6 +689,7 @@ def publish_profiles(loggers: Sequence[Any], profiles: Sequence[Any], step: int)
 
 
 __all__ = [
+    "AMP_SCALE_KEY",
     "CLIP_THRESHOLD_KEY",
     "COUNT_KEYS",
     "FINDINGS_KEY",

@@ -58,6 +58,7 @@ FAMILIES = (
     "clip",
     "input",
     "target",
+    "amp",
 )
 
 
@@ -202,7 +203,8 @@ def read_back(
         recs: list[Record] = []
         mine = [t for t in total_steps if prev < t <= s]
         if mine:
-            recs.append(GradientTotals(tuple(mine), tuple(totals[t] for t in mine), (0,) * len(mine), norm_type))
+            scale = by_step.get(s, {}).get("amp", {}).get("scale")  # the GradScaler's, at this logging step
+            recs.append(GradientTotals(tuple(mine), tuple(totals[t] for t in mine), (0,) * len(mine), norm_type, scale))
         fam = by_step.get(s, {})
         grads = {k: v for k, v in fam.get("grad_norm", {}).items()}
         if grads:

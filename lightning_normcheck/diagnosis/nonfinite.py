@@ -153,7 +153,8 @@ class NonfiniteRules(Rules):
     """The first non-finite loss, gradient or activation of the run, once; the exception that followed it.
 
     Under an AMP GradScaler (fp16) non-finite gradient steps are skipped by design: only a run of
-    ``amp_nonfinite_steps`` of them in a row is an error (counted across logging steps). Shorter runs, once a
+    ``amp_nonfinite_steps`` of them in a row is an error (counted across logging steps), once the loss scale has
+    fallen to ``amp_scale_floor`` (when the records carry the scale). Shorter runs, once a
     finite step ends them, are counted in one info finding that says how many steps the scaler skipped and the
     loss scale it backed off to (when the records carry the scale the gradient monitor read).
     """
@@ -174,7 +175,9 @@ class NonfiniteRules(Rules):
         if has_nonfinite_finding(self.log):
             return
         skipped = self._skipped
-        grad = self._first_gradient(step_totals(flush.of(GradientTotals)))
+        scales = [r.scale for r in flush.of(GradientTotals) if r.scale is not None]
+        self._scale_now = scales[-1] if scales else None
+        grad = self._first_gradient(step_totals(flush.of(GradientTotals)), self._scale_now)
         loss = first_loss(flush)
         sample = flush.first(ActivationSample)
         if loss is not None and (grad is None or loss.step <= grad.since):
@@ -183,13 +186,15 @@ class NonfiniteRules(Rules):
             self._report_gradient(grad, flush.of(GradientLayers))
         elif sample is not None:
             self._report_activation(sample)
-        scales = [r.scale for r in flush.of(GradientTotals) if r.scale is not None]
         if self._skipped > skipped and scales and not has_nonfinite_finding(self.log):
             self._report_skipped(flush.step, scales[-1])
 
-    def _first_gradient(self, totals: list[tuple[int, int, float]]) -> FirstGradient | None:
-        """The first non-finite total norm; with a GradScaler, the step that completes a long enough run."""
-        need = self.ctx.thresholds.gradients.amp_nonfinite_steps if self.ctx.run.amp_scaler else 1
+    def _first_gradient(self, totals: list[tuple[int, int, float]], scale: float | None) -> FirstGradient | None:
+        """The first non-finite total norm; with a GradScaler, the step that completes a long enough run, once the
+        loss scale read at this logging step (``scale``; None: not known) is at most ``amp_scale_floor``."""
+        th = self.ctx.thresholds.gradients
+        need = th.amp_nonfinite_steps if self.ctx.run.amp_scaler else 1
+        scaled = need > 1 and scale is not None and scale > th.amp_scale_floor  # the scaler may still be calibrating
         for _, s, v in totals:
             if math.isfinite(v):
                 if self._run and need > 1:  # the scaler skipped that run and recovered
@@ -202,7 +207,7 @@ class NonfiniteRules(Rules):
                 self._run_since = s
             self._run += 1
             self._run_last = s
-            if self._run >= need:
+            if self._run >= need and not scaled:
                 return FirstGradient(step=s, since=self._run_since, value=v, count=self._run)
         return None
 
@@ -231,6 +236,7 @@ class NonfiniteRules(Rules):
         self.log.report("nonfinite_loss", None, loss.step, layer, message, value=loss.value, module=layer)
 
     def _report_gradient(self, grad: FirstGradient, records: list[GradientLayers]) -> None:
+        scale = getattr(self, "_scale_now", None)
         layers: dict[str, float] = {}
         for r in records:
             if r.step == grad.since:
@@ -248,7 +254,13 @@ class NonfiniteRules(Rules):
         else:
             where = ""
         amp = (
-            " (the AMP GradScaler skipped these steps but the overflow did not stop)" if self.ctx.run.amp_scaler else ""
+            (
+                " (the AMP GradScaler skipped these steps"
+                + (f" and backed its loss scale off to {scale:.6g}" if scale is not None else "")
+                + ", but the overflow did not stop)"
+            )
+            if self.ctx.run.amp_scaler
+            else ""
         )
         run = f" on {grad.count} steps in a row from step {grad.since}" if grad.count > 1 else ""
         seen = (
@@ -277,7 +289,8 @@ class NonfiniteRules(Rules):
             fixes=(),
             note=(
                 "Nothing to fix: skipping and backing off is how the GradScaler finds its scale; a run of"
-                f" {need} skipped steps in a row would be an error."
+                f" {need} skipped steps in a row still going when the scale is at most"
+                f" {self.ctx.thresholds.gradients.amp_scale_floor:g} would be an error."
             ),
         )
         extra = {"skipped": n, "scale": scale}
