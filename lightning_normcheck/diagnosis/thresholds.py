@@ -166,8 +166,8 @@ class GradientThresholds:
     amp_nonfinite_steps: int = _count(5)
     #: ...and only once the loss scale (read at the logging step) is at most this: below 1 the scaler no longer
     #: magnifies the gradients, so they are non-finite unscaled. A run that ends while the scale is higher was the
-    #: scaler calibrating (measured: a regression loss of ~800 at the default scale 2**16 skipped 11 steps in a row,
-    #: then trained). From 2**16, halved on each skipped step, a persistent run reaches 1 at step 16.
+    #: scaler calibrating (measured: a regression loss of ~800 at the default scale 2**16 skipped 8 steps in a row,
+    #: then trained). From 2**16, halved on each skipped step, a persistent run reaches 1 with step 15.
     amp_scale_floor: float = 1.0
     #: Spike: total gradient norm above this multiple of its running median. Measured: a clean run stays
     #: within 3x at batch sizes 2-32; a corrupted label gives 60-80x, a 1% rare class at batch size 8 15-30x.
