@@ -137,3 +137,21 @@ def test_norms_module_imports_no_lightning() -> None:
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not any("lightning" in m for m in imported), imported
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6), (2, 3, 4, 5), (2, 3, 4, 5, 2), (0, 6)])
+def test_alive_units_is_any_nonzero_per_unit(shape: tuple[int, ...]) -> None:
+    """A unit (channel of a 4-D+ output, else the last dim) fired iff any of its values is nonzero, NaN and
+    negative values included (LeakyReLU); compared with a plain mask computation."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        x = torch.randn(*shape, generator=g)
+        x = torch.where(torch.rand(shape, generator=g) < 0.7, torch.zeros(()), x)
+        if x.numel() and trial % 5 == 0:
+            x.view(-1)[0] = math.nan
+        if x.numel() and trial % 7 == 0:
+            x.view(-1)[-1] = -math.inf
+        unit = 1 if x.dim() >= 4 else x.dim() - 1
+        want = (x != 0).movedim(unit, -1).reshape(-1, x.shape[unit]).any(0)
+        got = N.alive_units(x)
+        assert got is not None and torch.equal(got, want), (shape, trial)
