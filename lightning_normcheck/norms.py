@@ -280,18 +280,15 @@ class NormPlan:
         if len(grads) != self.count:
             return tensor_norms(grads)
         try:
-            parts: list[Tensor] = []
-            if self.big:
-                parts.append(torch.stack(torch._foreach_norm([grads[i] for i in self.big], 2.0)))
-            for g in self.groups:
-                stacked = torch.stack([grads[i] for i in g])
-                parts.append(torch.linalg.vector_norm(stacked.reshape(len(g), -1), 2.0, dim=1))
-            out = parts[0] if len(parts) == 1 else torch.cat(parts)
-            return out if self.inverse is None else out[self.inverse]
+            return self.packed_norms(self._layout(grads))
         except (NotImplementedError, RuntimeError):
             return tensor_norms(grads)
 
     # packs: tensors shaped like the plan's in its layout (weight snapshots, differences) ---------------------------
+    def _layout(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The big tensors themselves, then each group stacked (gradients: no grad mode needed, none is tracked)."""
+        return [tensors[i] for i in self.big] + [torch.stack([tensors[i] for i in g]) for g in self.groups]
+
     @torch.no_grad()
     def pack(
         self, tensors: Sequence[Tensor], into: list[Tensor] | None = None, share_big: bool = False
@@ -311,8 +308,9 @@ class NormPlan:
             for buf, g in zip(into[len(big) :], self.groups):
                 torch.stack([tensors[i] for i in g], out=buf)
             return into
-        head = big if share_big else [t.clone() for t in big]
-        return head + [torch.stack([tensors[i] for i in g]) for g in self.groups]
+        if share_big:
+            return self._layout(tensors)
+        return [t.clone() for t in big] + [torch.stack([tensors[i] for i in g]) for g in self.groups]
 
     def fits(self, pack: Sequence[Tensor]) -> bool:
         """Whether ``pack`` has this plan's layout (the shapes of its parts)."""
@@ -349,9 +347,9 @@ class NormPlan:
             buf.sub_(torch.stack([tensors[i] for i in g]))
         return pack
 
-    @torch.no_grad()
     def packed_norms(self, pack: Sequence[Tensor]) -> Tensor:
-        """The L2 norm of each tensor of a pack, in the order of the tensors packed."""
+        """The L2 norm of each tensor of a pack, in the order of the tensors packed (the hot path of
+        :meth:`norms`: packs hold no graph, so no grad-mode context)."""
         nb = len(self.big)
         parts: list[Tensor] = []
         if nb:

@@ -192,16 +192,13 @@ class _Run:
         """The loss as the training step returned it, detached. Under fp16 AMP Lightning hands ``on_before_backward``
         the loss times the GradScaler's scale (``precision_plugin.pre_backward`` scales before it calls the hooks);
         divided back here by the scale tensor on the device, now (the scaler updates that tensor in place after the
-        optimizer step): no host read. A scaler without a scale tensor: read with ``get_scale()``."""
+        optimizer step): no host read. A scaler without a scale tensor (not torch's) is left alone: reading its
+        scale on the host at every step would be a sync per step."""
         loss = loss.detach()
-        scaler = self._scaler
-        if scaler is None:
-            return loss
-        scale = getattr(scaler, "_scale", None)
+        scale = getattr(self._scaler, "_scale", None)
         if isinstance(scale, Tensor):
             return loss.float() / scale.to(loss.device).reshape(()).float()
-        get = getattr(scaler, "get_scale", None)
-        return loss.float() / float(get()) if callable(get) else loss
+        return loss
 
     @property
     def pl_module(self) -> pl.LightningModule:

@@ -59,8 +59,9 @@ class _GradientNorms(_Monitor):
         return bool(self._totals or self._losses)
 
     def on_before_backward(self, run: _Run, loss: torch.Tensor) -> None:
-        # hot path: only queue the loss; it is checked on the device at the next flush (no sync, no kernel)
-        self._losses.append((run.step, run.unscaled_loss(loss)))  # fp16 AMP: Lightning passes it scaled
+        # hot path: only queue the loss; it is checked on the device at the next flush (no sync; no kernel unless
+        # fp16 AMP, where Lightning passes it scaled and one division takes the scale off)
+        self._losses.append((run.step, run.unscaled_loss(loss)))
         if len(self._losses) >= 1024:  # no flush for that long (raw optimizer steps): check now, keep memory flat
             self._check_losses()
 

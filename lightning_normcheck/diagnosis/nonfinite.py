@@ -169,6 +169,7 @@ class NonfiniteRules(Rules):
         self._skipped = 0  # AMP: non-finite steps in runs that a finite step ended (the GradScaler skipped them)
         self._skipped_first = -1  # the first of them
         self._skipped_last = -1  # the last of them
+        self._scale_now: float | None = None  # AMP: the loss scale read at the logging step being judged
 
     # -- observe ---------------------------------------------------------------------------------------------
     def observe(self, flush: Flush) -> None:
@@ -236,7 +237,7 @@ class NonfiniteRules(Rules):
         self.log.report("nonfinite_loss", None, loss.step, layer, message, value=loss.value, module=layer)
 
     def _report_gradient(self, grad: FirstGradient, records: list[GradientLayers]) -> None:
-        scale = getattr(self, "_scale_now", None)
+        scale = self._scale_now
         layers: dict[str, float] = {}
         for r in records:
             if r.step == grad.since:
